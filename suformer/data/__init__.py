@@ -1,0 +1,1 @@
+"""Corpora, pretraining objectives and the data pipeline."""

@@ -1,0 +1,214 @@
+"""Autoregressive decoding with a KV cache: greedy, top-k/top-p sampling and beam search.
+
+Beam search follows bert4keras' AutoRegressiveDecoder (the recipe behind T5 PEGASUS' published scores): beams are
+ranked by summed log-probabilities; as soon as the best beam ends with the end token it is returned, other
+finished beams are dropped and the beam shrinks. With `length_penalty` set, finished beams are kept instead and
+the one with the best `score / length**length_penalty` is returned once no beam is left (or at max_new_tokens).
+
+The search loops are written once against a *stepper*: `stepper(tokens)` feeds the new tokens [N, 1] (or None
+for the prompt) and returns next-token logits [N, V]; `stepper.reorder(rows)` keeps only the given rows' cache.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class _T5Stepper:
+    """Encoder once, then the decoder one token at a time from `[CLS]`."""
+
+    def __init__(self, model, input_ids, attention_mask, copies: int):
+        mask = model.padding_mask(input_ids) if attention_mask is None else attention_mask.bool()
+        encoded = model.encode(input_ids, mask)
+        self.model = model
+        self.encoded = encoded.repeat_interleave(copies, dim=0)
+        self.mask = mask.repeat_interleave(copies, dim=0)
+        from .models.t5 import DecoderCache
+
+        self.cache = DecoderCache(model.config.num_decoder_layers)
+        self.start = torch.full((self.encoded.shape[0], 1), model.config.decoder_start_token_id, device=input_ids.device)
+
+    def __call__(self, tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        tokens = self.start if tokens is None else tokens
+        return self.model.decode(tokens, self.encoded, self.mask, cache=self.cache)[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.encoded, self.mask = self.encoded[rows], self.mask[rows]
+        self.cache.reorder(rows)
+
+
+class _UniLMStepper:
+    """The source (segment 0) in one pass, then target tokens (segment 1) one at a time; RoPE positions and the
+    UniLM mask continue across the cache exactly as bert4keras' re-encoding of source + output does."""
+
+    def __init__(self, model, input_ids, token_type_ids, attention_mask, copies: int):
+        from .models.roformer import LayerCache
+
+        self.model = model
+        self.source = input_ids.repeat_interleave(copies, dim=0)
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        self.types = types.repeat_interleave(copies, dim=0)
+        pad = (input_ids != model.config.pad_token_id) if attention_mask is None else attention_mask.bool()
+        self.padding = pad.repeat_interleave(copies, dim=0)
+        self.cache = LayerCache(model.config.num_layers)
+
+    def __call__(self, tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        if tokens is None:
+            ids = self.source
+        else:
+            ids = tokens
+            self.types = torch.cat([self.types, torch.ones_like(tokens)], dim=1)
+            self.padding = torch.cat([self.padding, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+        hidden = self.model.encode(ids, self.padding, self.types, cache=self.cache, unilm=True)
+        return self.model.cls.predictions.decoder(hidden[:, -1]).float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.types, self.padding = self.types[rows], self.padding[rows]
+        self.cache.reorder(rows)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """-inf outside the `top_k` best tokens and outside the smallest set whose probability reaches `top_p`."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the tokens *before* it already reach top_p (the crossing token is kept).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _sample_or_greedy(stepper, batch, *, max_new_tokens, eos, pad, min_new_tokens, do_sample, temperature, top_k,
+                      top_p, generator, device):
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out, tokens = [], None
+    for step in range(max_new_tokens):
+        logits = stepper(tokens)
+        if step < min_new_tokens:
+            logits[:, eos] = float("-inf")
+        if do_sample:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = logits.argmax(dim=-1)
+        nxt = nxt.masked_fill(finished, pad)
+        out.append(nxt)
+        finished |= nxt == eos
+        if finished.all():
+            break
+        tokens = nxt[:, None]
+    return torch.stack(out, dim=1) if out else torch.empty(batch, 0, dtype=torch.long, device=device)
+
+
+def _beam_search(stepper, batch, num_beams, *, max_new_tokens, eos, pad, min_new_tokens, length_penalty, device):
+    K = num_beams
+    scores = torch.full((batch, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # every row starts from the same prompt: expand from beam 0 only
+    active = torch.full((batch,), K, device=device)  # bert4keras shrinks the beam as beams finish
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    seqs = torch.empty(batch, K, 0, dtype=torch.long, device=device)
+    results: list[Optional[tuple[float, torch.Tensor]]] = [None] * batch
+    tokens = None
+    for step in range(max_new_tokens):
+        logprobs = stepper(tokens).log_softmax(dim=-1)
+        if step < min_new_tokens:
+            logprobs[:, eos] = float("-inf")
+        vocab = logprobs.shape[-1]
+        candidates = (scores[:, :, None] + logprobs.view(batch, K, vocab)).view(batch, K * vocab)
+        top_scores, top_index = candidates.topk(K, dim=-1)  # sorted, best first
+        rank = torch.arange(K, device=device)[None, :]
+        top_scores = top_scores.masked_fill(rank >= active[:, None], float("-inf"))
+        origin, token = top_index // vocab, top_index % vocab
+        seqs = torch.cat([seqs.gather(1, origin[:, :, None].expand(-1, -1, seqs.shape[2])), token[:, :, None]], 2)
+        scores = top_scores
+        ended = (token == eos) & torch.isfinite(scores)
+        for b in range(batch):
+            if done[b]:
+                continue
+            if length_penalty is None:
+                if ended[b, 0]:  # the best beam ended: return it
+                    results[b], done[b] = (scores[b, 0].item(), seqs[b, 0]), True
+            else:
+                for j in ended[b].nonzero().flatten().tolist():
+                    normalised = scores[b, j].item() / (step + 1) ** length_penalty
+                    if results[b] is None or normalised > results[b][0]:
+                        results[b] = (normalised, seqs[b, j])
+        finishing = ended & ~done[:, None]
+        active = active - finishing.sum(dim=1)
+        scores = scores.masked_fill(finishing, float("-inf"))
+        done |= active <= 0
+        if done.all():
+            break
+        rows = (torch.arange(batch, device=device)[:, None] * K + origin).flatten()
+        stepper.reorder(rows)
+        tokens = token.flatten()[:, None]
+    for b in range(batch):
+        if results[b] is None or (length_penalty is not None and torch.isfinite(scores[b, 0])):
+            # No beam finished (or, with a length penalty, unfinished beams compete too): best live beam.
+            length = seqs.shape[2]
+            live = scores[b, 0].item() / (length**length_penalty if length_penalty is not None else 1.0)
+            if results[b] is None or live > results[b][0]:
+                results[b] = (live, seqs[b, 0])
+    width = max(len(r[1]) for r in results)
+    out = torch.full((batch, width), pad, dtype=torch.long, device=device)
+    for b, (_, seq) in enumerate(results):
+        out[b, : len(seq)] = seq
+    return out
+
+
+@torch.no_grad()
+def _generate(stepper_factory, batch, device, *, eos, pad, max_new_tokens=32, num_beams=1, do_sample=False,
+              temperature=1.0, top_k=0, top_p=1.0, length_penalty=None, min_new_tokens=0, generator=None):
+    if num_beams < 1 or max_new_tokens < 1:
+        raise ValueError("num_beams and max_new_tokens must be >= 1")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam search and sampling are exclusive: set num_beams=1 to sample")
+    if num_beams > 1:
+        return _beam_search(
+            stepper_factory(num_beams), batch, num_beams, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+            min_new_tokens=min_new_tokens, length_penalty=length_penalty, device=device,
+        )
+    return _sample_or_greedy(
+        stepper_factory(1), batch, max_new_tokens=max_new_tokens, eos=eos, pad=pad, min_new_tokens=min_new_tokens,
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, device=device,
+    )
+
+
+def generate_seq2seq(model, input_ids, attention_mask=None, **options) -> torch.Tensor:
+    """T5 PEGASUS: generated ids [B, T] after the `[CLS]` start, ending with `[SEP]`, right-padded with [PAD].
+
+    Options: max_new_tokens (32), num_beams (1), do_sample, temperature, top_k, top_p, length_penalty (None:
+    bert4keras semantics), min_new_tokens, generator (a torch.Generator for reproducible sampling).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(
+            lambda copies: _T5Stepper(model, input_ids, attention_mask, copies), input_ids.shape[0], input_ids.device,
+            eos=model.config.eos_token_id, pad=model.config.pad_token_id, **options,
+        )
+    finally:
+        model.train(was_training)
+
+
+def generate_unilm(model, input_ids, token_type_ids=None, attention_mask=None, *, eos_token_id=102, **options):
+    """RoFormerV2 as UniLM: `input_ids` is `[CLS] source [SEP]` (right-padded); returns target ids [B, T] ending
+    with `eos_token_id` ([SEP]). Same options as `generate_seq2seq`."""
+    if attention_mask is not None and not bool(attention_mask.bool()[:, -1].all()):
+        raise ValueError("UniLM generation continues each source at its end: left-pad the batch, or pass one source")
+    if attention_mask is None and bool((input_ids[:, -1] == model.config.pad_token_id).any()):
+        raise ValueError("UniLM generation continues each source at its end: left-pad the batch, or pass one source")
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(
+            lambda copies: _UniLMStepper(model, input_ids, token_type_ids, attention_mask, copies),
+            input_ids.shape[0], input_ids.device, eos=eos_token_id, pad=model.config.pad_token_id, **options,
+        )
+    finally:
+        model.train(was_training)

@@ -1,0 +1,244 @@
+"""RoFormerV2: char-level post-norm encoder with RoPE, no biases, parameter-free RMS norm, tied MLM head.
+
+Parameter names follow JunnYu's RoFormer_pytorch layout (`roformer.embeddings...`, `roformer.encoder.layer.N...`,
+`cls.predictions.decoder`), the PyTorch checkpoints users have.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMask, Rotary, attention
+
+
+@dataclass
+class RoFormerV2Config:
+    vocab_size: int = 12000
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    attention_dropout: Optional[float] = None  # None: same as `dropout` (0.1 in the released configs)
+    norm_eps: float = 1e-12
+    rope_base: float = 10000.0
+    attention_backend: str = "sdpa"
+    pad_token_id: int = 0
+    family: str = field(default="roformer_v2", init=False)
+
+    def __post_init__(self):
+        if self.attention_dropout is None:
+            self.attention_dropout = self.dropout
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+ROFORMER_PRESETS = {
+    "small": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256),
+}
+
+
+@dataclass
+class MaskedLMOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+
+
+class LayerCache:
+    """Keys/values of every layer for UniLM decoding; grows by the tokens fed each step."""
+
+    def __init__(self, num_layers: int):
+        self.kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.kv = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index)) for kv in self.kv]
+
+
+class RoFormerSelfAttention(nn.Module):
+    def __init__(self, config: RoFormerV2Config):
+        super().__init__()
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+
+class RoFormerSelfOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+
+class RoFormerAttention(nn.Module):
+    def __init__(self, config: RoFormerV2Config):
+        super().__init__()
+        self.self = RoFormerSelfAttention(config)
+        self.output = RoFormerSelfOutput(config)
+        self.config = config
+        self.rotary = Rotary(config.rope_base)
+
+    def forward(self, x, mask, cache=None, layer=0, query_offset=0):
+        c = self.config
+        split = lambda t: t.view(t.shape[0], t.shape[1], c.num_heads, c.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.self.query(x)), split(self.self.key(x)), split(self.self.value(x))
+        if cache is not None:
+            if cache.kv[layer] is not None:
+                k = torch.cat([cache.kv[layer][0], k], dim=2)
+                v = torch.cat([cache.kv[layer][1], v], dim=2)
+            cache.kv[layer] = (k, v)
+        out = attention(
+            q, k, v, position=self.rotary, mask=mask, scale=1.0 / math.sqrt(c.head_dim),
+            dropout_p=c.attention_dropout if self.training else 0.0, query_offset=query_offset,
+            backend=c.attention_backend,
+        )
+        return self.output.dense(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class RoFormerIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+
+
+class RoFormerOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+
+class RoFormerLayer(nn.Module):
+    """Post-norm: x = Norm(x + Drop(Attn(x))); x = Norm(x + Drop(FFN(x))); ReLU FFN, no biases."""
+
+    def __init__(self, config: RoFormerV2Config):
+        super().__init__()
+        self.attention = RoFormerAttention(config)
+        self.intermediate = RoFormerIntermediate(config)
+        self.output = RoFormerOutput(config)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, **kw):
+        x = self.norm(x + self.dropout(self.attention(x, mask, **kw)))
+        return self.norm(x + self.dropout(self.output.dense(F.relu(self.intermediate.dense(x)))))
+
+
+class RoFormerEmbeddings(nn.Module):
+    def __init__(self, config: RoFormerV2Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids, token_type_ids):
+        # bert4keras order: dropout, then norm (identical to the ports' norm-then-dropout at inference).
+        return self.norm(self.dropout(self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)))
+
+
+class RoFormerEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList([RoFormerLayer(config) for _ in range(config.num_layers)])
+
+
+class RoFormerV2Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embeddings = RoFormerEmbeddings(config)
+        self.encoder = RoFormerEncoder(config)
+
+
+class RoFormerMLMHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+class RoFormerClassifierHeads(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = RoFormerMLMHead(config)
+
+
+def roformer_v2_init_std(keras_shape: tuple[int, int], num_layers: int) -> float:
+    """bert4keras RoFormerV2.initializer: std of the un-truncated normal for a Keras kernel of shape (in, out)."""
+    fan = keras_shape[1] if (keras_shape[0] > 10000 or keras_shape[0] < 10) else keras_shape[0]
+    return 1.13684723 / math.sqrt(fan) / math.sqrt(num_layers)
+
+
+class RoFormerV2ForMaskedLM(nn.Module):
+    def __init__(self, config: RoFormerV2Config):
+        super().__init__()
+        self.config = config
+        self.roformer = RoFormerV2Model(config)
+        self.cls = RoFormerClassifierHeads(config)
+        self.cls.predictions.decoder.weight = self.roformer.embeddings.word_embeddings.weight
+        self.head_dropout = nn.Dropout(config.dropout)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every kernel ~ TruncatedNormal(0, std) cut at +-2 std, std = 1.1368/sqrt(fan_in * layers): the truncated
+        normal's variance is 1/(fan_in * layers). Embeddings use the hidden size as fan (bert4keras' shape rule)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.cls.predictions.decoder:
+                w = module.weight
+                keras_shape = (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else tuple(w.shape)
+                std = roformer_v2_init_std(keras_shape, self.config.num_layers)
+                nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cache=None, unilm=False):
+        """Final hidden states. `unilm`: bert4keras UniLM mask from token_type_ids (source 0, target 1).
+
+        With a `cache`, `input_ids` are only the new tokens; `attention_mask`/`token_type_ids` then cover the whole
+        sequence so far (cache + new), since UniLM visibility depends on every segment id.
+        """
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        offset = 0 if cache is None else cache.length
+        key_padding = (input_ids != self.config.pad_token_id) if attention_mask is None else attention_mask.bool()
+        new_types = token_type_ids[:, offset:] if cache is not None else token_type_ids
+        mask = AttentionMask(
+            key_padding=None if cache is not None and attention_mask is None else key_padding,
+            segment_ids=token_type_ids if unilm else None,
+        )
+        x = self.roformer.embeddings(input_ids, new_types)
+        for i, layer in enumerate(self.roformer.encoder.layer):
+            x = layer(x, mask, cache=cache, layer=i, query_offset=offset)
+        return x
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, unilm=False):
+        """Masks default to `ids != pad`; `labels` -100 are ignored (MLM targets, or shifted UniLM targets)."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, unilm=unilm)
+        logits = self.cls.predictions.decoder(self.head_dropout(hidden))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return MaskedLMOutput(logits=logits, loss=loss, hidden_states=hidden)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from .checkpoints import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def generate(self, input_ids, token_type_ids=None, **kwargs) -> torch.Tensor:
+        from ..generation import generate_unilm
+
+        return generate_unilm(self, input_ids, token_type_ids=token_type_ids, **kwargs)

@@ -1,0 +1,307 @@
+"""T5 PEGASUS: the mT5 (T5.1.1) encoder-decoder as trained in bert4keras, or exactly as transformers' MT5.
+
+Parameter names follow transformers' MT5ForConditionalGeneration (`shared`, `encoder.block.N.layer.M...`,
+`lm_head`): they are the public interface of the checkpoints. The one difference is that each stack owns its
+relative-position table (`encoder.relative_attention_bias`), which checkpoints store under block 0.
+
+compat="bert4keras" (default) versus compat="hf" differ in exactly three points, each its own config field:
+  gelu_approximate      "none" (exact erf GELU, bert4keras' 'gelu')  vs "tanh" (transformers' gated-gelu)
+  scale_decoder_output  always x * d_model**-0.5 before the untied head  vs only when embeddings are tied
+  cross_attention_bias  decoder cross-attention adds T_dec[bucket(max(i-j, 0))]  vs no bias
+Dropout placement also follows the source: transformers adds dropout on attention probabilities and inside the FFN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMask, T5RelativeBias, attention
+from .layers import T5GatedFFN
+
+COMPAT_MODES = ("bert4keras", "hf")
+
+
+@dataclass
+class T5PegasusConfig:
+    vocab_size: int = 50000
+    d_model: int = 768
+    num_heads: int = 12
+    head_dim: int = 64
+    d_ff: int = 2048
+    num_encoder_layers: int = 12
+    num_decoder_layers: int = 12
+    num_buckets: int = 32
+    max_distance: int = 128
+    dropout: float = 0.1
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    compat: str = "bert4keras"
+    # None: taken from `compat` (see module docstring); set explicitly to mix.
+    gelu_approximate: Optional[str] = None
+    scale_decoder_output: Optional[bool] = None
+    cross_attention_bias: Optional[bool] = None
+    attention_backend: str = "sdpa"
+    pad_token_id: int = 0
+    decoder_start_token_id: int = 101  # [CLS]
+    eos_token_id: int = 102  # [SEP]
+    family: str = field(default="t5_pegasus", init=False)
+
+    def __post_init__(self):
+        if self.compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {self.compat!r}")
+        as_trained = self.compat == "bert4keras"
+        if self.gelu_approximate is None:
+            self.gelu_approximate = "none" if as_trained else "tanh"
+        if self.scale_decoder_output is None:
+            self.scale_decoder_output = as_trained or self.tie_word_embeddings
+        if self.cross_attention_bias is None:
+            self.cross_attention_bias = as_trained
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
+
+    @property
+    def inner_dropout(self) -> float:
+        """transformers' extra dropout (attention probabilities, FFN inner); bert4keras has none."""
+        return self.dropout if self.compat == "hf" else 0.0
+
+
+T5_PRESETS = {
+    "base": dict(d_model=768, num_heads=12, head_dim=64, d_ff=2048, num_encoder_layers=12, num_decoder_layers=12),
+    # 6 heads x 64 = 384 != d_model 512, as in mT5-small.
+    "small": dict(d_model=512, num_heads=6, head_dim=64, d_ff=1024, num_encoder_layers=8, num_decoder_layers=8),
+    "tiny": dict(d_model=128, num_heads=4, head_dim=32, d_ff=256, num_encoder_layers=2, num_decoder_layers=2),
+}
+
+
+@dataclass
+class Seq2SeqOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[torch.Tensor] = None
+
+
+class DecoderCache:
+    """Per-layer self-attention keys/values (growing) and cross-attention keys/values (computed once)."""
+
+    def __init__(self, num_layers: int):
+        self.self_kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
+        self.cross_kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.self_kv[0] is None else self.self_kv[0][0].shape[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search): every cached tensor's dim 0 is indexed by `index`."""
+        for store in (self.self_kv, self.cross_kv):
+            for i, kv in enumerate(store):
+                if kv is not None:
+                    store[i] = (kv[0].index_select(0, index), kv[1].index_select(0, index))
+
+
+class T5Attention(nn.Module):
+    def __init__(self, config: T5PegasusConfig):
+        super().__init__()
+        inner = config.num_heads * config.head_dim
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.dropout_p = config.inner_dropout
+        self.backend = config.attention_backend
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, *, position, mask, context=None, cache=None, layer=0, query_offset=0):
+        """Self-attention (context None) or cross-attention over `context`; `cache` is a DecoderCache."""
+        q = self._heads(self.q(x))
+        if context is None:
+            k, v = self._heads(self.k(x)), self._heads(self.v(x))
+            if cache is not None:
+                if cache.self_kv[layer] is not None:
+                    k = torch.cat([cache.self_kv[layer][0], k], dim=2)
+                    v = torch.cat([cache.self_kv[layer][1], v], dim=2)
+                cache.self_kv[layer] = (k, v)
+        elif cache is not None and cache.cross_kv[layer] is not None:
+            k, v = cache.cross_kv[layer]
+        else:
+            k, v = self._heads(self.k(context)), self._heads(self.v(context))
+            if cache is not None:
+                cache.cross_kv[layer] = (k, v)
+        out = attention(
+            q, k, v, position=position, mask=mask, scale=1.0,  # T5: no 1/sqrt(d)
+            dropout_p=self.dropout_p if self.training else 0.0, query_offset=query_offset, backend=self.backend,
+        )
+        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.SelfAttention = T5Attention(config)
+        self.layer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, **kw):
+        return x + self.dropout(self.SelfAttention(self.layer_norm(x), **kw))
+
+
+class T5LayerCrossAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.EncDecAttention = T5Attention(config)
+        self.layer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, context, **kw):
+        return x + self.dropout(self.EncDecAttention(self.layer_norm(x), context=context, **kw))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.DenseReluDense = T5GatedFFN(config.d_model, config.d_ff, config.gelu_approximate, config.inner_dropout)
+        self.layer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
+
+
+class T5Block(nn.Module):
+    def __init__(self, config, is_decoder: bool):
+        super().__init__()
+        layers = [T5LayerSelfAttention(config)]
+        if is_decoder:
+            layers.append(T5LayerCrossAttention(config))
+        layers.append(T5LayerFF(config))
+        self.layer = nn.ModuleList(layers)
+
+
+class T5Stack(nn.Module):
+    """Encoder (bidirectional bias) or decoder (causal bias, cross-attention); embeddings are passed in."""
+
+    def __init__(self, config: T5PegasusConfig, is_decoder: bool):
+        super().__init__()
+        self.config, self.is_decoder = config, is_decoder
+        num_layers = config.num_decoder_layers if is_decoder else config.num_encoder_layers
+        self.relative_attention_bias = nn.Embedding(config.num_buckets, config.num_heads)
+        self.block = nn.ModuleList([T5Block(config, is_decoder) for _ in range(num_layers)])
+        self.final_layer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, embeddings, padding_mask=None, context=None, context_mask=None, cache=None):
+        bias = T5RelativeBias(
+            self.relative_attention_bias.weight, bidirectional=not self.is_decoder,
+            max_distance=self.config.max_distance,
+        )
+        offset = 0 if cache is None else cache.length
+        self_mask = AttentionMask(key_padding=padding_mask, causal=self.is_decoder)
+        cross_mask = AttentionMask(key_padding=context_mask)
+        cross_bias = bias if self.config.cross_attention_bias else None
+        x = self.dropout(embeddings)
+        for i, block in enumerate(self.block):
+            x = block.layer[0](x, position=bias, mask=self_mask, cache=cache, layer=i, query_offset=offset)
+            if self.is_decoder:
+                x = block.layer[1](
+                    x, context, position=cross_bias, mask=cross_mask, cache=cache, layer=i, query_offset=offset
+                )
+            x = block.layer[-1](x)
+        return self.dropout(self.final_layer_norm(x))
+
+
+class T5PegasusForConditionalGeneration(nn.Module):
+    def __init__(self, config: T5PegasusConfig):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, is_decoder=False)
+        self.decoder = T5Stack(config, is_decoder=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Mesh-TF / transformers T5 initialisation (T5 PEGASUS itself started from mT5's weights)."""
+        c = self.config
+        if isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+        elif module is self.shared:
+            nn.init.normal_(module.weight, std=1.0)
+        elif module is self.lm_head and not c.tie_word_embeddings:
+            nn.init.normal_(module.weight, std=c.d_model**-0.5)
+        elif isinstance(module, T5Stack):
+            nn.init.normal_(module.relative_attention_bias.weight, std=c.d_model**-0.5)
+        elif isinstance(module, T5Attention):
+            nn.init.normal_(module.q.weight, std=(c.d_model * c.head_dim) ** -0.5)
+            nn.init.normal_(module.k.weight, std=c.d_model**-0.5)
+            nn.init.normal_(module.v.weight, std=c.d_model**-0.5)
+            nn.init.normal_(module.o.weight, std=(c.num_heads * c.head_dim) ** -0.5)
+        elif isinstance(module, T5GatedFFN):
+            nn.init.normal_(module.wi_0.weight, std=c.d_model**-0.5)
+            nn.init.normal_(module.wi_1.weight, std=c.d_model**-0.5)
+            nn.init.normal_(module.wo.weight, std=c.d_ff**-0.5)
+
+    # -- pieces used by generation ------------------------------------------------------------------------------
+    def padding_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids != self.config.pad_token_id
+
+    def encode(self, input_ids, attention_mask=None) -> torch.Tensor:
+        mask = self.padding_mask(input_ids) if attention_mask is None else attention_mask.bool()
+        return self.encoder(self.shared(input_ids), padding_mask=mask)
+
+    def decode(self, decoder_input_ids, encoder_hidden_states, encoder_mask, decoder_attention_mask=None, cache=None):
+        """Logits for `decoder_input_ids`; with a cache, only the new positions are passed and the cache grows."""
+        if decoder_attention_mask is not None:
+            decoder_attention_mask = decoder_attention_mask.bool()
+        elif cache is None:
+            decoder_attention_mask = self.padding_mask(decoder_input_ids)
+        hidden = self.decoder(
+            self.shared(decoder_input_ids), padding_mask=decoder_attention_mask,
+            context=encoder_hidden_states, context_mask=encoder_mask, cache=cache,
+        )
+        if self.config.scale_decoder_output:
+            hidden = hidden * self.config.d_model**-0.5
+        return self.lm_head(hidden)
+
+    def forward(
+        self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, labels=None,
+        encoder_hidden_states=None,
+    ) -> Seq2SeqOutput:
+        """Masks default to `ids != pad` (bert4keras' mask_zero). `labels[t]` is the target of `logits[t]`
+        (-100 ignored); without `decoder_input_ids` they are the labels shifted right after `[CLS]`."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        encoder_mask = self.padding_mask(input_ids) if attention_mask is None else attention_mask.bool()
+        if encoder_hidden_states is None:
+            encoder_hidden_states = self.encoder(self.shared(input_ids), padding_mask=encoder_mask)
+        logits = self.decode(decoder_input_ids, encoder_hidden_states, encoder_mask, decoder_attention_mask)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return Seq2SeqOutput(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
+        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
+        shifted[:, 0] = self.config.decoder_start_token_id
+        return shifted
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from .checkpoints import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        from ..generation import generate_seq2seq
+
+        return generate_seq2seq(self, input_ids, attention_mask=attention_mask, **kwargs)
