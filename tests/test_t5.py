@@ -154,6 +154,17 @@ def test_loss_is_token_cross_entropy_and_labels_shift_right():
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_pad_as_decoder_start_sees_itself():
+    """mT5-style decoding starts from [PAD]; the default mask keeps position 0 visible as bert4keras does."""
+    model = build_model("t5_pegasus", "tiny", vocab_size=VOCAB, dropout=0.0, decoder_start_token_id=0).eval()
+    x = torch.randint(106, VOCAB, (2, 7))
+    y = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.randint(106, VOCAB, (2, 4))], 1)
+    with torch.no_grad():
+        implicit = model(x, decoder_input_ids=y).logits
+        explicit = model(x, decoder_input_ids=y, decoder_attention_mask=torch.ones_like(y)).logits
+    assert torch.equal(implicit, explicit)
+
+
 def test_presets_have_the_published_sizes():
     with torch.device("meta"):
         base = build_model("t5_pegasus", "base")

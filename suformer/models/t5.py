@@ -251,7 +251,10 @@ class T5PegasusForConditionalGeneration(nn.Module):
 
     # -- pieces used by generation ------------------------------------------------------------------------------
     def padding_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids != self.config.pad_token_id
+        """`ids != [PAD]`, with position 0 always visible (bert4keras' mask_zero, so a [PAD] start token works)."""
+        mask = ids != self.config.pad_token_id
+        mask[:, 0] = True
+        return mask
 
     def encode(self, input_ids, attention_mask=None) -> torch.Tensor:
         mask = self.padding_mask(input_ids) if attention_mask is None else attention_mask.bool()

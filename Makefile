@@ -1,0 +1,28 @@
+# Everything runs inside .venv. torch is installed first as the CPU wheel 2.13.0 when the venv has none
+# (an unpinned torch would pull several GB of CUDA packages); GPU images bring their own torch.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup test quickstart bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+quickstart: setup
+	$(BIN)/python jobs/quickstart.py
+
+bench: setup
+	$(BIN)/python benchmarks/models_cpu.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

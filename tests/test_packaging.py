@@ -1,0 +1,19 @@
+"""The library imports with torch alone: GPU benchmark machines have no ray, deepspeed or mlflow."""
+import subprocess
+import sys
+
+
+def test_library_imports_do_not_pull_in_the_platform():
+    code = (
+        "import sys, suformer, suformer.models, suformer.tokenizer, suformer.generation, suformer.data.corpora\n"
+        "heavy = sorted({'ray', 'deepspeed', 'mlflow', 'transformers'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_platform_directory_is_not_a_python_package():
+    from pathlib import Path
+
+    assert not (Path(__file__).parents[1] / "platform" / "__init__.py").exists()
