@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from .models.attention import KVCache
+
 
 class _T5Stepper:
     """Encoder once, then the decoder one token at a time from `[CLS]`."""
@@ -24,9 +26,7 @@ class _T5Stepper:
         self.model = model
         self.encoded = encoded.repeat_interleave(copies, dim=0)
         self.mask = mask.repeat_interleave(copies, dim=0)
-        from .models.t5 import DecoderCache
-
-        self.cache = DecoderCache(model.config.num_decoder_layers)
+        self.cache = KVCache(model.config.num_decoder_layers)
         self.start = torch.full((self.encoded.shape[0], 1), model.config.decoder_start_token_id, device=input_ids.device)
 
     def __call__(self, tokens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -43,15 +43,13 @@ class _UniLMStepper:
     UniLM mask continue across the cache exactly as bert4keras' re-encoding of source + output does."""
 
     def __init__(self, model, input_ids, token_type_ids, attention_mask, copies: int):
-        from .models.roformer import LayerCache
-
         self.model = model
         self.source = input_ids.repeat_interleave(copies, dim=0)
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         self.types = types.repeat_interleave(copies, dim=0)
         pad = (input_ids != model.config.pad_token_id) if attention_mask is None else attention_mask.bool()
         self.padding = pad.repeat_interleave(copies, dim=0)
-        self.cache = LayerCache(model.config.num_layers)
+        self.cache = KVCache(model.config.num_layers)
 
     def __call__(self, tokens: Optional[torch.Tensor]) -> torch.Tensor:
         if tokens is None:

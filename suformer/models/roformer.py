@@ -58,20 +58,6 @@ class MaskedLMOutput:
     hidden_states: Optional[torch.Tensor] = None
 
 
-class LayerCache:
-    """Keys/values of every layer for UniLM decoding; grows by the tokens fed each step."""
-
-    def __init__(self, num_layers: int):
-        self.kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.kv = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index)) for kv in self.kv]
-
-
 class RoFormerSelfAttention(nn.Module):
     def __init__(self, config: RoFormerV2Config):
         super().__init__()
@@ -99,10 +85,7 @@ class RoFormerAttention(nn.Module):
         split = lambda t: t.view(t.shape[0], t.shape[1], c.num_heads, c.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.self.query(x)), split(self.self.key(x)), split(self.self.value(x))
         if cache is not None:
-            if cache.kv[layer] is not None:
-                k = torch.cat([cache.kv[layer][0], k], dim=2)
-                v = torch.cat([cache.kv[layer][1], v], dim=2)
-            cache.kv[layer] = (k, v)
+            k, v = cache.extend(layer, k, v)
         out = attention(
             q, k, v, position=self.rotary, mask=mask, scale=1.0 / math.sqrt(c.head_dim),
             dropout_p=c.attention_dropout if self.training else 0.0, query_offset=query_offset,

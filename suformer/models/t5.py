@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMask, T5RelativeBias, attention
+from .attention import AttentionMask, KVCache, T5RelativeBias, attention
 from .layers import T5GatedFFN
 
 COMPAT_MODES = ("bert4keras", "hf")
@@ -84,25 +84,6 @@ class Seq2SeqOutput:
     encoder_hidden_states: Optional[torch.Tensor] = None
 
 
-class DecoderCache:
-    """Per-layer self-attention keys/values (growing) and cross-attention keys/values (computed once)."""
-
-    def __init__(self, num_layers: int):
-        self.self_kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
-        self.cross_kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.self_kv[0] is None else self.self_kv[0][0].shape[2]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search): every cached tensor's dim 0 is indexed by `index`."""
-        for store in (self.self_kv, self.cross_kv):
-            for i, kv in enumerate(store):
-                if kv is not None:
-                    store[i] = (kv[0].index_select(0, index), kv[1].index_select(0, index))
-
-
 class T5Attention(nn.Module):
     def __init__(self, config: T5PegasusConfig):
         super().__init__()
@@ -119,15 +100,12 @@ class T5Attention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x, *, position, mask, context=None, cache=None, layer=0, query_offset=0):
-        """Self-attention (context None) or cross-attention over `context`; `cache` is a DecoderCache."""
+        """Self-attention (context None) or cross-attention over `context`, optionally through a KVCache."""
         q = self._heads(self.q(x))
         if context is None:
             k, v = self._heads(self.k(x)), self._heads(self.v(x))
             if cache is not None:
-                if cache.self_kv[layer] is not None:
-                    k = torch.cat([cache.self_kv[layer][0], k], dim=2)
-                    v = torch.cat([cache.self_kv[layer][1], v], dim=2)
-                cache.self_kv[layer] = (k, v)
+                k, v = cache.extend(layer, k, v)
         elif cache is not None and cache.cross_kv[layer] is not None:
             k, v = cache.cross_kv[layer]
         else:
@@ -260,7 +238,10 @@ class T5PegasusForConditionalGeneration(nn.Module):
         mask = self.padding_mask(input_ids) if attention_mask is None else attention_mask.bool()
         return self.encoder(self.shared(input_ids), padding_mask=mask)
 
-    def decode(self, decoder_input_ids, encoder_hidden_states, encoder_mask, decoder_attention_mask=None, cache=None):
+    def decode(
+        self, decoder_input_ids, encoder_hidden_states, encoder_mask, decoder_attention_mask=None,
+        cache: Optional[KVCache] = None,
+    ):
         """Logits for `decoder_input_ids`; with a cache, only the new positions are passed and the cache grows."""
         if decoder_attention_mask is not None:
             decoder_attention_mask = decoder_attention_mask.bool()
