@@ -1,0 +1,179 @@
+"""Typed pretraining config: one YAML (+ `--set key=value` overrides) validated before anything starts.
+
+Everything else is derived from it: the Ray ScalingConfig/RunConfig, the DeepSpeed JSON, the data shards.
+Errors name the offending key (`train.micro_batch_size: ...`) and jobs exit with status 2.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Strict):
+    family: Literal["t5_pegasus", "roformer_v2"]
+    preset: str = "tiny"
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_backend: Optional[str] = None  # None: the model's default (sdpa; triton on CUDA once available)
+    compat: Literal["bert4keras", "hf"] = "bert4keras"  # T5 only
+    init_from: Optional[str] = None  # a save_pretrained directory to continue from
+
+    @model_validator(mode="after")
+    def _preset_exists(self):
+        from .models import FAMILIES
+
+        presets = FAMILIES[self.family][2]
+        if self.preset not in presets:
+            raise ValueError(f"preset {self.preset!r} is not one of {sorted(presets)} for {self.family}")
+        return self
+
+
+class DataSection(_Strict):
+    corpus: str = "peoples_daily"  # "peoples_daily" (bundled) or paths/globs of .txt, .jsonl, .parquet files
+    max_documents: Optional[int] = Field(None, gt=0)
+    objective: Literal["pegasus", "mlm", "unilm"] = "pegasus"
+    vocab: Optional[str] = None  # vocab.txt; None builds one from the corpus
+    vocab_size: int = Field(50000, gt=106)
+    # PEGASUS (T5 PEGASUS train.py defaults)
+    unit_chars: int = Field(32, gt=0)
+    chunk_chars: int = Field(768, gt=0)
+    min_units: int = Field(3, ge=2)
+    summary_rate: float = Field(0.25, gt=0.0, lt=1.0)
+    max_source_len: int = Field(384, ge=8)
+    max_target_len: int = Field(128, ge=4)
+    # MLM / UniLM (RoFormerV2)
+    max_len: int = Field(512, ge=8)
+    mask_rate: float = Field(0.15, gt=0.0, lt=1.0)
+    rows_per_shard: int = Field(2000, gt=0)
+    seed: int = 0
+
+
+class TrainSection(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    micro_batch_size: int = Field(8, ge=1)
+    max_tokens_per_batch: Optional[int] = Field(None, gt=0)  # token budget: fewer rows for long batches
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_eps: float = Field(1e-6, gt=0)  # bert4keras Adam
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=-1)
+    samples_to_log: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class RunSection(_Strict):
+    name: str = Field("suformer-pretrain", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    root: str = Field(default_factory=lambda: os.environ.get("SUFORMER_ROOT", str(Path.home() / "suformer_runs")))
+    experiment: str = "suformer-pretrain"
+    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite under `root`
+
+
+class PretrainConfig(_Strict):
+    model: ModelSection
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _objective_fits_family(self):
+        wanted = {"t5_pegasus": ("pegasus",), "roformer_v2": ("mlm", "unilm")}[self.model.family]
+        if self.data.objective not in wanted:
+            raise ValueError(f"data.objective {self.data.objective!r} does not train {self.model.family} "
+                             f"(use one of {list(wanted)})")
+        if self.train.max_tokens_per_batch is not None:
+            longest = self.data.max_source_len if self.data.objective == "pegasus" else self.data.max_len
+            if self.train.max_tokens_per_batch < longest:
+                raise ValueError(f"train.max_tokens_per_batch {self.train.max_tokens_per_batch} cannot hold one "
+                                 f"example of the maximum length {longest}")
+        return self
+
+    # -- derived locations --------------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root).expanduser().resolve() / self.run.name
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.run.tracking_uri:
+            return self.run.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{Path(self.run.root).expanduser().resolve() / 'mlflow.db'}"
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key: value` pairs (MLflow params)."""
+        return {f"{s}.{k}": v for s, section in self.model_dump().items() for k, v in section.items()}
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=200")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value != "" else ""
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PretrainConfig:
+    """YAML file + dotted overrides -> validated config; any problem is a ConfigError naming the key."""
+    source = path or "<overrides>"
+    raw: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {key} is not a section")
+        node[keys[-1]] = value
+    try:
+        return PretrainConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            problems.append(f"  {where}: {message}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict) else ""))
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(problems)) from None

@@ -1,0 +1,95 @@
+"""MLflow: one run per training run name, found again when the run is resubmitted or restarted.
+
+The job driver opens (or re-opens) the run and logs params and artifacts; rank 0 of the workers logs metrics into
+the same run id. Steps already in the run are never logged again, so a restart from a checkpoint that replays
+steps leaves each step once in the history.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+RUN_NAME_TAG = "suformer.run_name"
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[dict] = None,
+             artifact_location: Optional[str] = None) -> tuple[str, bool]:
+    """(run id, resumed): the newest run tagged with `run_name` in `experiment`, else a new one.
+
+    `artifact_location` is where a new experiment keeps artifacts; without it a SQLite store puts them in
+    ./mlruns of the current directory, which under `ray job submit` is a temporary upload directory."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
+    return run.info.run_id, False
+
+
+class MetricLogger:
+    """Rank 0's metric sink: batches metrics, skips steps the run already has."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.entities import Metric
+
+        self._metric = Metric
+        self.client, self.run_id = _client(tracking_uri), run_id
+        history = self.client.get_metric_history(run_id, "train/loss")
+        self.last_step = max((m.step for m in history), default=-1)
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # CPU/memory/disk/network (and GPU with pynvml) of rank 0's node every 10 s, continuing after a restart.
+        self.system = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=self.last_step >= 0,
+                                           node_id="rank0", tracking_uri=tracking_uri)
+        self.system.start()
+
+    def close(self) -> None:
+        self.system.finish()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.last_step:
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self._metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.last_step = step
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict, mutable: frozenset = frozenset()) -> None:
+    """Params of a resubmitted run must match what the run already has (MLflow forbids changing them), except
+    the `mutable` ones that do not change what was trained so far (e.g. train.max_steps to extend a run)."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    existing = client.get_run(run_id).data.params
+    new = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+    changed = {k for k, v in params.items()
+               if k in existing and k not in mutable and existing[k] != str(v)[:6000]}
+    if changed:
+        raise ValueError(f"run already exists with different settings for: {', '.join(sorted(changed))}; "
+                         "use a new run.name or the original settings")
+    items = [Param(k, v) for k, v in new.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_artifacts(tracking_uri: str, run_id: str, local_dir: str, artifact_path: Optional[str] = None) -> None:
+    _client(tracking_uri).log_artifacts(run_id, local_dir, artifact_path)
+
+
+def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    _client(tracking_uri).log_text(run_id, text, artifact_file)
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(tracking_uri).set_terminated(run_id, status=status)

@@ -1,0 +1,75 @@
+"""Rows of a worker's Parquet stream -> padded micro-batches, with an exact position to resume from.
+
+Each worker reads its own shard files in order (see `OrderedShards`), cycling epochs; the position is
+(epoch, rows consumed in the epoch), saved in every checkpoint, so a restarted run skips exactly what it had
+trained on and sees the same batches again: no example twice, none skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class StreamPosition:
+    epoch: int = 0
+    rows: int = 0
+
+
+def _pad(rows: list, value: int, dtype=torch.long) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
+    return out
+
+
+def collate(objective: str, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Dynamic padding to the longest row; labels -100 on padding and wherever nothing is predicted."""
+    ids = _pad([r["input_ids"] for r in rows], 0)
+    if objective == "pegasus":
+        target = _pad([r["target_ids"] for r in rows], 0)
+        labels = target[:, 1:].masked_fill(target[:, 1:] == 0, IGNORE)  # predict y[1:] from y[:-1]
+        return {"input_ids": ids, "decoder_input_ids": target[:, :-1], "labels": labels}
+    if objective == "mlm":
+        return {"input_ids": ids, "labels": _pad([r["labels"] for r in rows], IGNORE)}
+    segments = _pad([r["token_type_ids"] for r in rows], 0)
+    from ..data.mlm import unilm_labels
+
+    labels = _pad([unilm_labels(list(r["input_ids"]), list(r["token_type_ids"])) for r in rows], IGNORE)
+    return {"input_ids": ids, "token_type_ids": segments, "labels": labels, "unilm": True}
+
+
+def micro_batches(shard, objective: str, micro_batch_size: int, max_tokens: Optional[int],
+                  position: StreamPosition) -> Iterator[tuple[dict, StreamPosition]]:
+    """Endless micro-batches from a Ray Data iterator, starting at `position`; yields (batch, position after it).
+
+    A micro-batch holds `micro_batch_size` rows, fewer when `max_tokens` would be exceeded by the padded size.
+    """
+    epoch, skip = position.epoch, position.rows
+    while True:
+        rows, consumed, longest = [], 0, 0
+        seen_any = False
+        for row in shard.iter_rows():
+            seen_any = True
+            consumed += 1
+            if consumed <= skip:
+                continue
+            longest_with = max(longest, int(row["num_tokens"]))
+            if rows and max_tokens is not None and longest_with * (len(rows) + 1) > max_tokens:
+                yield collate(objective, rows), StreamPosition(epoch, consumed - 1)
+                rows, longest_with = [], int(row["num_tokens"])
+            rows.append(row)
+            longest = longest_with
+            if len(rows) == micro_batch_size:
+                yield collate(objective, rows), StreamPosition(epoch, consumed)
+                rows, longest = [], 0
+        if not seen_any:
+            raise RuntimeError("this worker's data shard is empty")
+        if rows:  # the epoch's last, smaller batch
+            yield collate(objective, rows), StreamPosition(epoch, consumed)
+        epoch, skip = epoch + 1, 0

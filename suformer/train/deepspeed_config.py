@@ -1,0 +1,32 @@
+"""The DeepSpeed JSON, generated from the typed config with concrete values (raw deepspeed.initialize does not
+resolve transformers' "auto")."""
+from __future__ import annotations
+
+from ..config import TrainSection
+
+
+def use_bf16(train: TrainSection) -> bool:
+    """bf16 on GPU unless fp32 is asked for; fp32 on CPU (T5 diverges in fp16, so fp16 is not offered)."""
+    return train.precision == "bf16" or (train.precision == "auto" and train.use_gpu)
+
+
+def deepspeed_config(train: TrainSection) -> dict:
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=train.use_gpu)
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # export gathers parameters itself
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * train.num_workers,
+        "gradient_clipping": train.grad_clip,
+        "bf16": {"enabled": use_bf16(train)},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # progress lines come from the training loop
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,186 @@
+"""The Ray Train worker: plain PyTorch + a DeepSpeed engine + `ray.train.report`.
+
+Every `checkpoint_every` steps each rank saves its DeepSpeed shard plus its data position and RNG state into a
+local directory and reports it; Ray Train merges the ranks' files into one checkpoint and registers it only once
+every rank has reported, so a checkpoint is complete or absent. A restarted worker resumes from the latest one and
+replays exactly the same batches and dropout masks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import PretrainConfig
+from ..models import build_model, from_pretrained
+from .batches import StreamPosition, micro_batches
+from .deepspeed_config import deepspeed_config
+
+CHECKPOINT_TAG = "state"
+# Dense bf16 tensor-core peak (FLOP/s) by device name, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def build(cfg: PretrainConfig, vocab_size: int):
+    m = cfg.model
+    overrides = dict(vocab_size=vocab_size, dropout=m.dropout)
+    if m.attention_backend:
+        overrides["attention_backend"] = m.attention_backend
+    if m.family == "t5_pegasus":
+        overrides["compat"] = m.compat
+    if m.init_from:
+        return from_pretrained(m.init_from, **({"compat": m.compat} if m.family == "t5_pegasus" else {}),
+                               **{k: v for k, v in overrides.items() if k not in ("vocab_size", "compat")}).train()
+    return build_model(m.family, m.preset, **overrides)
+
+
+def learning_rate_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up from 0 (as bert4keras' piecewise_linear), then constant or cosine to min_ratio."""
+    if warmup and step < warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model, cfg: PretrainConfig):
+    # bert4keras excludes 'Norm' and 'bias' from weight decay: here every 1-d tensor (norm gains).
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=cfg.train.adam_eps)
+    t = cfg.train
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate_factor(s, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
+    )
+    return optimizer, schedule
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flops_per_token(model) -> float:
+    """6 x parameters (forward + backward), the usual MFU numerator; attention's L^2 term left out."""
+    return 6.0 * sum(p.numel() for p in model.parameters())
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+
+    from ..tracking import MetricLogger
+
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed + rank)
+    random.seed(t.seed + rank)
+    np.random.seed(t.seed + rank)
+
+    model = build(cfg, config["vocab_size"])
+    optimizer, schedule = _optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(t))
+    device = engine.device
+    step, position = 0, StreamPosition()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+            state = json.loads((Path(d) / "train_state.json").read_text())
+            if state["world_size"] != world:
+                raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has {world}: "
+                                   "a ZeRO checkpoint resumes at the same world size")
+            mine = json.loads((Path(d) / f"position_rank{rank}.json").read_text())
+            _set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
+        step, position = state["step"], StreamPosition(**mine)
+        if rank == 0:
+            print(f"[suformer] resumed from checkpoint at step {step}", flush=True)
+
+    logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    stream = micro_batches(ray.train.get_dataset_shard("train"), cfg.data.objective, t.micro_batch_size,
+                           t.max_tokens_per_batch, position)
+    peak = next((v for k, v in PEAK_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
+    flops_per_token = _flops_per_token(engine.module)
+    window = torch.zeros(4, dtype=torch.float64)  # loss x tokens, correct, predicted tokens, input tokens
+    window_start, window_steps, grad_norm = time.perf_counter(), 0, float("nan")
+
+    while step < t.max_steps:
+        engine.train()
+        for _ in range(t.grad_accum):
+            batch, position = next(stream)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            out = engine(**batch)
+            engine.backward(out.loss)
+            if t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+                # DeepSpeed reports no global norm without ZeRO; measure it before step() clips.
+                grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+                grad_norm = torch.stack(grads).norm().item()
+            engine.step()
+            with torch.no_grad():
+                labels = batch["labels"]
+                predicted = labels != -100
+                n = predicted.sum().item()
+                correct = (out.logits.argmax(-1) == labels)[predicted].sum().item()
+                inputs = (batch["input_ids"] != 0).sum().item() + (
+                    (batch["decoder_input_ids"] != 0).sum().item() if "decoder_input_ids" in batch else 0)
+                window += torch.tensor([out.loss.item() * n, correct, n, inputs], dtype=torch.float64)
+        step += 1
+        window_steps += 1
+        if t.zero_stage > 0:
+            norm = engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            totals = window.to(device)
+            dist.all_reduce(totals)
+            loss_sum, correct, predicted, inputs = totals.tolist()
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "train/loss": loss_sum / max(predicted, 1), "train/token_accuracy": correct / max(predicted, 1),
+                "train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm,
+                "train/tokens_per_s": inputs / elapsed, "train/step_time_s": elapsed / window_steps,
+            }
+            if peak:
+                metrics["train/mfu"] = flops_per_token * inputs / elapsed / (peak * world)
+            if logger:
+                logger.log(step, metrics)
+                eta = (t.max_steps - step) * elapsed / window_steps
+                print(f"[suformer] step {step}/{t.max_steps} | loss {metrics['train/loss']:.4f} | "
+                      f"acc {metrics['train/token_accuracy']:.3f} | lr {metrics['train/lr']:.2e} | "
+                      f"gnorm {grad_norm:.3f} | {metrics['train/tokens_per_s']:,.0f} tok/s | "
+                      f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+            window.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+
+        if step % t.checkpoint_every == 0 or step == t.max_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+                (Path(tmp) / f"position_rank{rank}.json").write_text(json.dumps(position.__dict__))
+                torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+                if rank == 0:
+                    (Path(tmp) / "train_state.json").write_text(json.dumps(
+                        {"step": step, "run_id": config["run_id"], "world_size": world}))
+                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"step-{step:08d}")
+    if logger:
+        logger.close()

@@ -1,0 +1,169 @@
+"""Pretraining driver: config -> vocab + Parquet shards (Ray Data) -> TorchTrainer (DeepSpeed workers) -> export.
+
+The driver owns the MLflow run (found again by run name when a job is resubmitted) and the final export; the
+workers (`loop.train_loop_per_worker`) train and checkpoint into Ray Train storage under the run root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from ..config import PretrainConfig
+from ..data.dataset import READY, DataError, ensure_vocab, prepare_shards, shard_files
+from ..tokenizer import Tokenizer
+from .deepspeed_config import deepspeed_config
+from .loop import CHECKPOINT_TAG, build, train_loop_per_worker
+
+MUTABLE_PARAMS = {"train.max_steps", "train.max_failures", "train.log_every", "train.checkpoint_every",
+                  "train.keep_checkpoints", "train.samples_to_log", "run.root", "run.tracking_uri"}
+
+
+class OrderedShards:
+    """Ray Train DataConfig: worker r reads shard files r, r + W, r + 2W, ... in order (ray.data.read_parquet with
+    preserve_order). Deterministic per-rank streams are what make an exact resume possible; Ray's default
+    streaming_split balances dynamically and so cannot replay a worker's stream."""
+
+    def __new__(cls, files: list[str]):
+        from ray.data import ExecutionOptions
+        from ray.train import DataConfig
+
+        class _OrderedShards(DataConfig):
+            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+                import ray.data
+
+                if len(files) < world_size:
+                    raise ValueError(f"{len(files)} data shards cannot feed {world_size} workers; "
+                                     "lower data.rows_per_shard or train.num_workers")
+                splits = []
+                for r in range(world_size):
+                    ds = ray.data.read_parquet(files[r::world_size], shuffle=None)
+                    ds.context.execution_options = ExecutionOptions(preserve_order=True)
+                    ds.context.enable_progress_bars = False  # one bar per epoch per worker would drown the log
+                    splits.append({"train": ds.iterator()})
+                return splits
+
+        return _OrderedShards()
+
+
+def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> Path:
+    """Consolidate the final DeepSpeed checkpoint (any ZeRO stage) into fp32 weights and save_pretrained them."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with checkpoint.as_directory() as d:
+        if cfg.train.zero_stage == 0:
+            state = torch.load(Path(d) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
+        else:
+            state = get_fp32_state_dict_from_zero_checkpoint(d, tag=CHECKPOINT_TAG)
+    model = build(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})}), vocab_size)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    tied = {"lm_head.weight", "cls.predictions.decoder.weight"}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _samples(cfg: PretrainConfig, model_dir: Path, shards: Path, count: int) -> str:
+    """A few generations (T5) or MLM predictions (RoFormerV2) of the exported model on the first examples."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from ..models import from_pretrained
+    from ..train.batches import collate
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model = from_pretrained(model_dir)
+    rows = pq.read_table(shard_files(shards)[0]).slice(0, count).to_pylist()
+    lines = []
+    for row in rows:
+        batch = collate(cfg.data.objective, [row])
+        if cfg.data.objective == "pegasus":
+            generated = model.generate(batch["input_ids"], max_new_tokens=min(cfg.data.max_target_len, 64))[0]
+            lines += [f"source:    {tokenizer.decode(row['input_ids'])}",
+                      f"reference: {tokenizer.decode(row['target_ids'])}",
+                      f"generated: {tokenizer.decode(generated)}", ""]
+        else:
+            with torch.no_grad():
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+            predicted = [int(i) if lab == -100 else int(logits[t].argmax())
+                         for t, (i, lab) in enumerate(zip(batch["input_ids"][0], batch["labels"][0]))]
+            lines += [f"input:     {tokenizer.decode(row['input_ids'])}",
+                      f"predicted: {tokenizer.decode(predicted)}", ""]
+    return "\n".join(lines)
+
+
+def run_pretraining(cfg: PretrainConfig) -> dict:
+    """Run (or resume) the configured pretraining; returns where the results are."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .. import tracking
+
+    root = Path(cfg.run.root).expanduser().resolve()
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"])
+        else:  # a local instance: logical CPUs for the workers plus their Ray Data readers
+            needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
+            ray.init(num_cpus=int(max(os.cpu_count() or 1, needed)))
+
+    vocab = ensure_vocab(cfg.data, root)
+    tokenizer = Tokenizer(vocab, pre_tokenize="jieba" if cfg.model.family == "t5_pegasus" else None)
+    shards = prepare_shards(cfg.data, vocab, root, min_shards=cfg.train.num_workers)
+    files = shard_files(shards)
+    stats = json.loads((shards / READY).read_text())
+    if len(files) < cfg.train.num_workers:
+        raise DataError(f"data: {len(files)} shards cannot feed train.num_workers={cfg.train.num_workers}")
+    print(f"[suformer] data: {stats['documents']} documents -> {stats['examples']} examples in "
+          f"{stats['shards']} shards at {shards}", flush=True)
+
+    uri = cfg.tracking_uri
+    artifacts = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None  # a server decides itself
+    run_id, resumed = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, artifact_location=artifacts,
+                                        tags={"model.family": cfg.model.family, "data.objective": cfg.data.objective})
+    tracking.log_params(uri, run_id, {k: v for k, v in {**cfg.flat(), "data.shards": str(shards),
+                                                         "data.examples": stats["examples"]}.items()},
+                        mutable=MUTABLE_PARAMS)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "deepspeed.json").write_text(json.dumps(deepspeed_config(cfg.train), indent=2))
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
+        tokenizer.save_pretrained(tmp)
+        tracking.log_artifacts(uri, run_id, tmp, "setup")
+    print(f"[suformer] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}", flush=True)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "run_id": run_id, "tracking_uri": uri,
+                           "vocab_size": len(tokenizer)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=str(root / "checkpoints"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": ray.data.read_parquet(files)},
+        dataset_config=OrderedShards(files),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    model_dir = _export(result.checkpoint, cfg, len(tokenizer), run_dir / "model")
+    tokenizer.save_pretrained(model_dir)
+    tracking.log_artifacts(uri, run_id, str(model_dir), "model")
+    if cfg.train.samples_to_log:
+        tracking.log_text(uri, run_id, _samples(cfg, model_dir, shards, cfg.train.samples_to_log), "samples.txt")
+    tracking.finish_run(uri, run_id)
+    return {"run_id": run_id, "model_dir": str(model_dir), "tracking_uri": uri,
+            "checkpoint": result.checkpoint.path, "experiment": cfg.run.experiment}
