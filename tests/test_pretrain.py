@@ -1,0 +1,153 @@
+"""Pretraining on a real local Ray cluster: DeepSpeed ZeRO 0-3 workers, `ray job submit`, worker failure."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from suformer.config import load_config
+from suformer.models import from_pretrained
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "jobs" / "configs" / "t5_pegasus_tiny_cpu.yaml")
+
+
+def small(root, name, **train):
+    """The default CPU config, shrunk to seconds: 600 documents, a few steps, every step logged."""
+    sets = [f"run.root={root}", f"run.name={name}", "data.max_documents=600", "data.rows_per_shard=40",
+            "data.vocab_size=3000", "train.log_every=1", "train.samples_to_log=1", "train.micro_batch_size=4"]
+    sets += [f"train.{k}={v}" for k, v in train.items()]
+    return sets
+
+
+def loss_history(cfg, run_id=None):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.run.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`suformer.run_name` = '{cfg.run.name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {cfg.run.name}, found {len(runs)}"
+    run = runs[0]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    return run, sorted((m.step, m.value) for m in history)
+
+
+@pytest.fixture(scope="module")
+def zero_runs(ray_cluster, tmp_path_factory):
+    from suformer.train.pretrain import run_pretraining
+
+    root = tmp_path_factory.mktemp("zero")
+    results = {}
+    for stage in (0, 1, 2, 3):
+        cfg = load_config(CONFIG, small(root, f"zero{stage}", zero_stage=stage, max_steps=4, checkpoint_every=2,
+                                        warmup_steps=0, max_failures=0))
+        results[stage] = (cfg, run_pretraining(cfg))
+    return results
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_each_zero_stage_trains_checkpoints_and_exports(zero_runs, stage):
+    cfg, result = zero_runs[stage]
+    run, history = loss_history(cfg)
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in history] == [1, 2, 3, 4]
+    assert Path(result["checkpoint"]).name == "step-00000004"
+    model = from_pretrained(result["model_dir"])
+    assert model.config.vocab_size == 3000
+    # Every stage computes the same function: same losses as plain data parallel (stage 0).
+    _, reference = loss_history(zero_runs[0][0])
+    assert [v for _, v in history] == pytest.approx([v for _, v in reference], rel=1e-4)
+
+
+def test_exported_weights_equal_across_zero_stages(zero_runs):
+    states = [from_pretrained(zero_runs[s][1]["model_dir"]).state_dict() for s in (0, 2, 3)]
+    for other in states[1:]:
+        for key, value in states[0].items():
+            assert torch.allclose(value, other[key], atol=1e-5), key
+
+
+def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
+    """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster."""
+    sets = small(tmp_path, "e2e", max_steps=30, checkpoint_every=10, log_every=5, lr=3e-3, warmup_steps=3)
+    entry = [sys.executable.replace(" ", "\\ "), "jobs/pretrain.py", "--config", "jobs/configs/t5_pegasus_tiny_cpu.yaml"]
+    for s in sets:
+        entry += ["--set", s]
+    ray = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.run(
+        [ray, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO), "--", *entry],
+        env=ray_cluster.env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    assert "[suformer] step 30/30" in proc.stdout and "ETA" in proc.stdout
+
+    cfg = load_config(CONFIG, sets)
+    run, history = loss_history(cfg)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.family"] == "t5_pegasus"
+    losses = [v for _, v in history]
+    assert losses[-1] < losses[0] - 0.2 and losses == sorted(losses, reverse=True), history  # visibly falling
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "setup", "samples.txt"} <= artifacts
+    assert {"setup/deepspeed.json", "setup/vocab.txt", "setup/config.yaml"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "setup")}
+    assert any(k.startswith("system/") for k in client.get_run(run.info.run_id).data.metrics)
+    assert str(tmp_path) in client.get_experiment(run.info.experiment_id).artifact_location  # not the job's temp dir
+    model_dir = cfg.run_dir / "model"
+    ours = from_pretrained(model_dir)
+    from transformers import MT5ForConditionalGeneration
+
+    theirs = MT5ForConditionalGeneration.from_pretrained(model_dir)
+    assert theirs.config.vocab_size == ours.config.vocab_size
+
+
+def _kill_one_worker_after(cfg, step, killed):
+    """Watch the MLflow run and SIGKILL one training worker process once `step` is logged."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not killed:
+        try:
+            _, history = loss_history(cfg)
+        except (AssertionError, AttributeError):
+            history = []
+        if history and history[-1][0] >= step:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append((history[-1][0], workers[-1].pid))
+                return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_checkpoint_with_identical_losses(ray_cluster, tmp_path):
+    from suformer.train.pretrain import run_pretraining
+
+    common = dict(max_steps=12, checkpoint_every=4, warmup_steps=2, max_failures=2)
+    clean_cfg = load_config(CONFIG, small(tmp_path, "clean", **common))
+    run_pretraining(clean_cfg)
+    _, clean = loss_history(clean_cfg)
+
+    faulty_cfg = load_config(CONFIG, small(tmp_path, "faulty", **common))
+    killed = []
+    watcher = threading.Thread(target=_kill_one_worker_after, args=(faulty_cfg, 6, killed), daemon=True)
+    watcher.start()
+    result = run_pretraining(faulty_cfg)
+    watcher.join(timeout=5)
+    assert killed, "the worker was never killed"
+    run, faulty = loss_history(faulty_cfg)  # one MLflow run for the name, asserted inside
+    assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
+    assert [s for s, _ in faulty] == list(range(1, 13))  # every step exactly once
+    assert [v for _, v in faulty] == pytest.approx([v for _, v in clean], rel=1e-5)
+    state = json.loads((Path(result["checkpoint"]) / "train_state.json").read_text())
+    assert state["run_id"] == result["run_id"] and state["step"] == 12
