@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test quickstart bench clean
+.PHONY: setup test pretrain bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,11 +18,14 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
-quickstart: setup
-	$(BIN)/python jobs/quickstart.py
+pretrain: setup
+	$(BIN)/python jobs/pretrain.py --config jobs/configs/t5_pegasus_tiny_cpu.yaml
 
 bench: setup
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python benchmarks/models_cpu.py
+	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/train_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,6 +8,7 @@ run.name resumes from its latest checkpoint and keeps logging into the same MLfl
 Exit status: 0 done, 2 bad config or input (nothing started), 1 training failed.
 """
 import argparse
+import os
 import sys
 
 from suformer.config import ConfigError, load_config
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # the local instance this starts uses token auth too
     from suformer.train.pretrain import run_pretraining
 
     try:

@@ -151,3 +151,36 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_losses(ray_cluster
     assert [v for _, v in faulty] == pytest.approx([v for _, v in clean], rel=1e-5)
     state = json.loads((Path(result["checkpoint"]) / "train_state.json").read_text())
     assert state["run_id"] == result["run_id"] and state["step"] == 12
+
+
+@pytest.mark.parametrize("objective", ["mlm", "unilm"])
+def test_roformer_v2_objectives_train_and_export(ray_cluster, tmp_path, objective):
+    from mlflow.tracking import MlflowClient
+
+    from suformer.train.pretrain import run_pretraining
+
+    sets = [f"run.root={tmp_path}", f"run.name=roformer-{objective}", f"data.objective={objective}",
+            "data.max_documents=400", "data.rows_per_shard=40", "data.vocab_size=2000", "data.max_len=96",
+            "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "train.micro_batch_size=4",
+            "train.samples_to_log=1"]
+    cfg = load_config(str(REPO / "jobs" / "configs" / "roformer_v2_tiny_cpu.yaml"), sets)
+    result = run_pretraining(cfg)
+    run, history = loss_history(cfg)
+    assert [s for s, _ in history] == [1, 2, 3] and run.info.status == "FINISHED"
+    model = from_pretrained(result["model_dir"])
+    assert model.config.family == "roformer_v2" and model.config.vocab_size == 2000
+    samples = MlflowClient(cfg.tracking_uri).download_artifacts(run.info.run_id, "samples.txt", str(tmp_path))
+    assert "predicted:" in Path(samples).read_text()
+
+
+def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
+    """A finished run extended with more steps continues from its last checkpoint, in the same MLflow run."""
+    from suformer.train.pretrain import run_pretraining
+
+    cfg, first = zero_runs[2]
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})})
+    again = run_pretraining(longer)
+    run, history = loss_history(longer)
+    assert again["run_id"] == first["run_id"] == run.info.run_id
+    assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6]
+    assert Path(again["checkpoint"]).name == "step-00000006"

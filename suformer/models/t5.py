@@ -214,7 +214,9 @@ class T5PegasusForConditionalGeneration(nn.Module):
         elif module is self.shared:
             nn.init.normal_(module.weight, std=1.0)
         elif module is self.lm_head and not c.tie_word_embeddings:
-            nn.init.normal_(module.weight, std=c.d_model**-0.5)
+            # Unit-scale initial logits: transformers' std 1.0 for an untied T5.1.1 head assumes the decoder output
+            # is scaled by d_model**-0.5 first (bert4keras mode); without that scale, std d_model**-0.5 does it.
+            nn.init.normal_(module.weight, std=1.0 if c.scale_decoder_output else c.d_model**-0.5)
         elif isinstance(module, T5Stack):
             nn.init.normal_(module.relative_attention_bias.weight, std=c.d_model**-0.5)
         elif isinstance(module, T5Attention):

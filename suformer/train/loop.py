@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ def _optimizer(model, cfg: PretrainConfig):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # RoFormerV2 has no 1-d tensors; DeepSpeed drops empty groups
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=cfg.train.adam_eps)
     t = cfg.train
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -77,6 +79,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _say(line: str) -> None:
+    """A progress line, once: Ray Train patches print() in workers to also feed its logger (printed twice)."""
+    sys.stdout.write(f"[suformer] {line}\n")
+    sys.stdout.flush()
+
+
 def _flops_per_token(model) -> float:
     """6 x parameters (forward + backward), the usual MFU numerator; attention's L^2 term left out."""
     return 6.0 * sum(p.numel() for p in model.parameters())
@@ -92,6 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not t.use_gpu:  # one intra-op thread per reserved CPU: no oversubscription between co-located workers
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed + rank)
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
@@ -114,20 +124,24 @@ def train_loop_per_worker(config: dict) -> None:
             _set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
         step, position = state["step"], StreamPosition(**mine)
         if rank == 0:
-            print(f"[suformer] resumed from checkpoint at step {step}", flush=True)
+            _say(f"resumed from checkpoint at step {step}")
 
     logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     stream = micro_batches(ray.train.get_dataset_shard("train"), cfg.data.objective, t.micro_batch_size,
                            t.max_tokens_per_batch, position)
     peak = next((v for k, v in PEAK_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
     flops_per_token = _flops_per_token(engine.module)
-    window = torch.zeros(4, dtype=torch.float64)  # loss x tokens, correct, predicted tokens, input tokens
-    window_start, window_steps, grad_norm = time.perf_counter(), 0, float("nan")
+    # loss x tokens, correct, predicted tokens, input tokens: summed on the device, read once per logging window
+    # (a .item() per micro-batch would stall a GPU every step).
+    window = torch.zeros(4, dtype=torch.float64, device=device)
+    window_start, window_steps, grad_norm, data_wait = time.perf_counter(), 0, float("nan"), 0.0
 
     while step < t.max_steps:
         engine.train()
         for _ in range(t.grad_accum):
+            waited = time.perf_counter()
             batch, position = next(stream)
+            data_wait += time.perf_counter() - waited
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = engine(**batch)
             engine.backward(out.loss)
@@ -139,11 +153,12 @@ def train_loop_per_worker(config: dict) -> None:
             with torch.no_grad():
                 labels = batch["labels"]
                 predicted = labels != -100
-                n = predicted.sum().item()
-                correct = (out.logits.argmax(-1) == labels)[predicted].sum().item()
-                inputs = (batch["input_ids"] != 0).sum().item() + (
-                    (batch["decoder_input_ids"] != 0).sum().item() if "decoder_input_ids" in batch else 0)
-                window += torch.tensor([out.loss.item() * n, correct, n, inputs], dtype=torch.float64)
+                n = predicted.sum()
+                correct = ((out.logits.argmax(-1) == labels) & predicted).sum()  # no copy of the logits
+                inputs = (batch["input_ids"] != 0).sum()
+                if "decoder_input_ids" in batch:
+                    inputs = inputs + (batch["decoder_input_ids"] != 0).sum()
+                window += torch.stack([out.loss.detach() * n, correct, n, inputs]).double()
         step += 1
         window_steps += 1
         if t.zero_stage > 0:
@@ -151,7 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
             grad_norm = float(norm) if norm is not None else float("nan")
 
         if step % t.log_every == 0 or step == t.max_steps:
-            totals = window.to(device)
+            totals = window.clone()
             dist.all_reduce(totals)
             loss_sum, correct, predicted, inputs = totals.tolist()
             elapsed = time.perf_counter() - window_start
@@ -159,18 +174,19 @@ def train_loop_per_worker(config: dict) -> None:
                 "train/loss": loss_sum / max(predicted, 1), "train/token_accuracy": correct / max(predicted, 1),
                 "train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm,
                 "train/tokens_per_s": inputs / elapsed, "train/step_time_s": elapsed / window_steps,
+                "train/data_wait_s": data_wait / window_steps,  # rank 0's time blocked on input per step
             }
             if peak:
                 metrics["train/mfu"] = flops_per_token * inputs / elapsed / (peak * world)
             if logger:
                 logger.log(step, metrics)
                 eta = (t.max_steps - step) * elapsed / window_steps
-                print(f"[suformer] step {step}/{t.max_steps} | loss {metrics['train/loss']:.4f} | "
-                      f"acc {metrics['train/token_accuracy']:.3f} | lr {metrics['train/lr']:.2e} | "
-                      f"gnorm {grad_norm:.3f} | {metrics['train/tokens_per_s']:,.0f} tok/s | "
-                      f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+                _say(f"step {step}/{t.max_steps} | loss {metrics['train/loss']:.4f} | "
+                     f"acc {metrics['train/token_accuracy']:.3f} | lr {metrics['train/lr']:.2e} | "
+                     f"gnorm {grad_norm:.3f} | {metrics['train/tokens_per_s']:,.0f} tok/s | "
+                     f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
             window.zero_()
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             with tempfile.TemporaryDirectory() as tmp:
