@@ -10,7 +10,11 @@ import os
 import tempfile
 from pathlib import Path
 
+import ray
 import yaml
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from ..config import PretrainConfig
 from ..data.dataset import READY, DataError, ensure_vocab, prepare_shards, shard_files
@@ -22,31 +26,28 @@ MUTABLE_PARAMS = {"train.max_steps", "train.max_failures", "train.log_every", "t
                   "train.keep_checkpoints", "train.samples_to_log", "run.root", "run.tracking_uri"}
 
 
-class OrderedShards:
-    """Ray Train DataConfig: worker r reads shard files r, r + W, r + 2W, ... in order (ray.data.read_parquet with
-    preserve_order). Deterministic per-rank streams are what make an exact resume possible; Ray's default
-    streaming_split balances dynamically and so cannot replay a worker's stream."""
+class OrderedShards(DataConfig):
+    """Worker r reads shard files r, r + W, r + 2W, ... in order (read_parquet with preserve_order).
 
-    def __new__(cls, files: list[str]):
-        from ray.data import ExecutionOptions
-        from ray.train import DataConfig
+    Deterministic per-rank streams make an exact resume possible; Ray's default streaming_split balances blocks
+    between workers dynamically and so cannot replay a worker's stream after a restart.
+    """
 
-        class _OrderedShards(DataConfig):
-            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-                import ray.data
+    def __init__(self, files: list[str]):
+        super().__init__()
+        self.files = files
 
-                if len(files) < world_size:
-                    raise ValueError(f"{len(files)} data shards cannot feed {world_size} workers; "
-                                     "lower data.rows_per_shard or train.num_workers")
-                splits = []
-                for r in range(world_size):
-                    ds = ray.data.read_parquet(files[r::world_size], shuffle=None)
-                    ds.context.execution_options = ExecutionOptions(preserve_order=True)
-                    ds.context.enable_progress_bars = False  # one bar per epoch per worker would drown the log
-                    splits.append({"train": ds.iterator()})
-                return splits
-
-        return _OrderedShards()
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if len(self.files) < world_size:
+            raise ValueError(f"{len(self.files)} data shards cannot feed {world_size} workers; "
+                             "lower data.rows_per_shard or train.num_workers")
+        splits = []
+        for rank in range(world_size):
+            ds = ray.data.read_parquet(self.files[rank::world_size], shuffle=None)
+            ds.context.execution_options = ExecutionOptions(preserve_order=True)
+            ds.context.enable_progress_bars = False  # one bar per epoch per worker would drown the log
+            splits.append({"train": ds.iterator()})
+        return splits
 
 
 def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> Path:
@@ -100,10 +101,6 @@ def _samples(cfg: PretrainConfig, model_dir: Path, shards: Path, count: int) -> 
 
 def run_pretraining(cfg: PretrainConfig) -> dict:
     """Run (or resume) the configured pretraining; returns where the results are."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from .. import tracking
 
     root = Path(cfg.run.root).expanduser().resolve()
