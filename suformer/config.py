@@ -174,6 +174,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         problems = []
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            problems.append(f"  {where}: {message}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict) else ""))
+            if err["type"] == "extra_forbidden":
+                problems.append(f"  {where}: unknown key")
+                continue
+            got = "" if isinstance(err.get("input"), dict) else f" (got {err['input']!r})"
+            problems.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}{got}")
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(problems)) from None

@@ -42,17 +42,6 @@ def tokenizer(vocab_file):
     return Tokenizer(vocab_file, pre_tokenize="jieba")
 
 
-def set_backend(model, backend):
-    """Switch every attention module of a built model to another backend."""
-    model.config.attention_backend = backend
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = backend
-        if hasattr(module, "config") and hasattr(module.config, "attention_backend"):
-            module.config.attention_backend = backend
-    return model
-
-
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
