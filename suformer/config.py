@@ -25,7 +25,7 @@ class ModelSection(_Strict):
     family: Literal["t5_pegasus", "roformer_v2"]
     preset: str = "tiny"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    attention_backend: Optional[str] = None  # None: the model's default (sdpa; triton on CUDA once available)
+    attention_backend: Optional[str] = None  # None: the model default "auto" (Triton kernels on CUDA, SDPA elsewhere)
     compat: Literal["bert4keras", "hf"] = "bert4keras"  # T5 only
     init_from: Optional[str] = None  # a save_pretrained directory to continue from
 

@@ -1,7 +1,12 @@
 import itertools
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels run under the CPU interpreter here; it is chosen when triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from suformer.data.corpora import peoples_daily, review_sentences
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab

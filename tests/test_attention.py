@@ -86,6 +86,7 @@ CASES = {
     "none_sliding_window": dict(pos=None, mask=dict(window=5, causal=True)),
     "none_bidirectional_window_padded": dict(pos=None, mask=dict(window=4, padding=True)),
     "fully_masked_row": dict(pos="t5_bi", mask=dict(padding=True, empty_row=True)),
+    "rope_logn_padded": dict(pos="rope", mask=dict(padding=True), scale=0.25, logn_base=16),
 }
 
 
@@ -124,7 +125,7 @@ def _position(case, table):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sdpa_matches_float64_reference(name):
     case = CASES[name]
-    kwargs = dict(scale=case.get("scale", 1.0), query_offset=case.get("offset", 0))
+    kwargs = dict(scale=case.get("scale", 1.0), query_offset=case.get("offset", 0), logn_base=case.get("logn_base"))
     q, k, v, table, mask = _make_case(case, torch.float64)
     tensors = [t.clone().requires_grad_() for t in (q, k, v, table)]
     expected = attention(*tensors[:3], position=_position(case, tensors[3]), mask=mask, backend="reference", **kwargs)
@@ -150,6 +151,16 @@ def test_reference_is_plain_softmax_attention():
     scores = torch.einsum("bhid,bhjd->bhij", q, k) * 0.5
     expected = torch.einsum("bhij,bhjd->bhid", scores.exp() / scores.exp().sum(-1, keepdim=True), v)
     assert rel_err(attention(q, k, v, scale=0.5, backend="reference"), expected) < 1e-12
+
+
+def test_logn_scaling_uses_each_sequences_real_length():
+    """Entropy-invariant attention: scores scaled by log(n)/log(base), n = that sequence's number of real keys."""
+    q, k, v = (torch.randn(2, 1, 6, 4, dtype=torch.float64) for _ in range(3))
+    padding = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    out = attention(q, k, v, scale=0.5, mask=AttentionMask(key_padding=padding), logn_base=8, backend="reference")
+    for b, n in enumerate([6, 4]):
+        scores = q[b, 0] @ k[b, 0, :n].T * 0.5 * math.log(n) / math.log(8)
+        assert rel_err(out[b, 0], torch.softmax(scores, -1) @ v[b, 0, :n]) < 1e-12
 
 
 def test_unknown_backend_is_named():

@@ -10,6 +10,9 @@ Shapes: q [B, H, Lq, D], k and v [B, H, Lk, D]. Query i sits at absolute positio
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -150,6 +153,19 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def _backend(name: str, q: torch.Tensor) -> Backend:
+    """Look a backend up; "auto" is the Triton kernels on CUDA (when triton is installed), SDPA elsewhere. The
+    kernels module registers itself on first use, so importing the models never imports triton."""
+    if name == "auto":
+        name = "triton" if q.is_cuda and importlib.util.find_spec("triton") is not None else "sdpa"
+    if name not in _BACKENDS and name.startswith("triton"):
+        importlib.import_module("suformer.kernels")
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}") from None
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -160,18 +176,30 @@ def attention(
     scale: float = 1.0,
     dropout_p: float = 0.0,
     query_offset: int = 0,
-    backend: str = "sdpa",
+    logn_base: Optional[int] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """softmax(scale * q k^T + position bias, masked) v, with fully masked query rows returning zeros."""
-    try:
-        fn = _BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}") from None
+    """softmax(scale * q k^T + position bias, masked) v, with fully masked query rows returning zeros.
+
+    `logn_base` turns on Su's entropy-invariant scaling: the scale of q k^T is multiplied by log(n)/log(logn_base),
+    n the sequence's number of real keys, so attention entropy stays put when n grows past the training length.
+    """
+    fn = _backend(backend, q)
     mask = None if mask is None or mask.is_empty() else mask
-    return fn(q, k, v, position=position, mask=mask, scale=scale, dropout_p=dropout_p, query_offset=query_offset)
+    return fn(q, k, v, position=position, mask=mask, scale=scale, dropout_p=dropout_p, query_offset=query_offset,
+              logn_base=logn_base)
 
 
-def _rotate_qk(q, k, rotary: Rotary, query_offset: int):
+def logn_factor(mask: Optional[AttentionMask], batch: int, key_len: int, logn_base: int, device) -> torch.Tensor:
+    """[B] multiplier log(n)/log(base) of entropy-invariant attention, n = real keys per sequence."""
+    if mask is not None and mask.key_padding is not None:
+        real_keys = mask.key_padding.sum(dim=1).clamp(min=1).double()
+    else:
+        real_keys = torch.full((batch,), float(key_len), dtype=torch.float64, device=device)
+    return real_keys.log() / math.log(logn_base)
+
+
+def rotate_qk(q, k, rotary: Rotary, query_offset: int):
     head_dim = q.shape[-1]
     cos_q, sin_q = rotary_cos_sin(
         torch.arange(query_offset, query_offset + q.shape[2], device=q.device), head_dim, rotary.base, q.dtype
@@ -180,10 +208,18 @@ def _rotate_qk(q, k, rotary: Rotary, query_offset: int):
     return apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
 
 
-def _reference(q, k, v, *, position, mask, scale, dropout_p, query_offset):
+def _scaled_queries(q, mask, logn_base, key_len):
+    """q times its per-sequence log-n factor (scores scale linearly in q)."""
+    if logn_base is None:
+        return q
+    return q * logn_factor(mask, q.shape[0], key_len, logn_base, q.device).to(q.dtype)[:, None, None, None]
+
+
+def _reference(q, k, v, *, position, mask, scale, dropout_p, query_offset, logn_base):
     """Materialise scores, bias and mask; the obviously-correct path (and ground truth in float64)."""
     if isinstance(position, Rotary):
-        q, k = _rotate_qk(q, k, position, query_offset)
+        q, k = rotate_qk(q, k, position, query_offset)
+    q = _scaled_queries(q, mask, logn_base, k.shape[2])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if isinstance(position, T5RelativeBias):
         scores = scores + position.materialise(q.shape[2], k.shape[2], query_offset).to(scores.dtype)
@@ -200,10 +236,11 @@ def _reference(q, k, v, *, position, mask, scale, dropout_p, query_offset):
     return torch.matmul(probs, v)
 
 
-def _sdpa(q, k, v, *, position, mask, scale, dropout_p, query_offset):
+def _sdpa(q, k, v, *, position, mask, scale, dropout_p, query_offset, logn_base):
     """torch SDPA: RoPE applied to q/k, causal/padding passed in SDPA's own compact forms where it can take them."""
     if isinstance(position, Rotary):
-        q, k = _rotate_qk(q, k, position, query_offset)
+        q, k = rotate_qk(q, k, position, query_offset)
+    q = _scaled_queries(q, mask, logn_base, k.shape[2])
     query_len, key_len = q.shape[2], k.shape[2]
     is_causal = False
     bias = position.materialise(query_len, key_len, query_offset) if isinstance(position, T5RelativeBias) else None

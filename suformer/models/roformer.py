@@ -28,7 +28,9 @@ class RoFormerV2Config:
     attention_dropout: Optional[float] = None  # None: same as `dropout` (0.1 in the released configs)
     norm_eps: float = 1e-12
     rope_base: float = 10000.0
-    attention_backend: str = "sdpa"
+    # Entropy-invariant attention for length extrapolation: scale *= log(n)/log(logn_base) (Su; e.g. 512).
+    logn_base: Optional[int] = None
+    attention_backend: str = "auto"  # Triton kernels on CUDA, SDPA elsewhere
     pad_token_id: int = 0
     family: str = field(default="roformer_v2", init=False)
 
@@ -89,7 +91,7 @@ class RoFormerAttention(nn.Module):
         out = attention(
             q, k, v, position=self.rotary, mask=mask, scale=1.0 / math.sqrt(c.head_dim),
             dropout_p=c.attention_dropout if self.training else 0.0, query_offset=query_offset,
-            backend=c.attention_backend,
+            logn_base=c.logn_base, backend=c.attention_backend,
         )
         return self.output.dense(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 

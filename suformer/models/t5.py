@@ -44,7 +44,7 @@ class T5PegasusConfig:
     gelu_approximate: Optional[str] = None
     scale_decoder_output: Optional[bool] = None
     cross_attention_bias: Optional[bool] = None
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"  # Triton kernels on CUDA, SDPA elsewhere
     pad_token_id: int = 0
     decoder_start_token_id: int = 101  # [CLS]
     eos_token_id: int = 102  # [SEP]

@@ -1,0 +1,591 @@
+"""FlashAttention-2-style Triton kernels with the T5 bucketed bias, RoPE, masks and dropout computed in-kernel.
+
+Forward: one program per (query block, batch*head), online softmax in base 2, log-sum-exp saved.
+Backward: recompute from the log-sum-exp, no atomics (deterministic): one kernel walks query blocks for a key block
+(dK, dV and the bias-table gradient), one walks key blocks for a query block (dQ).
+
+What is computed in-kernel from small inputs, never as an [Lq, Lk] tensor:
+- T5 bias: `table[bucket(key_pos - query_pos), head]`. Buckets are constant beyond +-max_distance, so the host
+  builds a [2*max_distance+1] bucket lookup and a [heads, 2*max_distance+1] bias lookup from the table; the kernel
+  gathers from them with the clamped distance. d(table) is reduced inside each key-block program over all its
+  query blocks (per tile: one masked sum per bucket present in the tile, which is a single bucket for tiles beyond
+  max_distance) and written once per (program, bucket); the host sums those partials.
+- RoPE (adjacent pairs) on q and k tiles as they are loaded; dq/dk are rotated back in the epilogue.
+- Masks: per-key padding (plus each sequence's last real key, so blocks past it are skipped), causal, sliding
+  window, and UniLM as a per-query visible-key prefix (keys with cumsum(segment) <= the query's form a prefix).
+  Blocks outside the visible range are never visited; rows with no visible key give zeros, not NaN.
+- Dropout on the probabilities from a counter-based RNG (Philox) keyed by (seed, batch*head) and the element's
+  (query, key) index, so the backward regenerates the same mask.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..models.layers import relative_position_bucket
+
+LOG2E = 1.4426950408889634
+
+# Debug switch for tests: fill every kernel output with NaN before launch, so a position a kernel fails to write
+# shows up instead of stale memory that happens to be right.
+POISON_OUTPUTS = False
+
+
+@triton.jit
+def _rotate(x, cos, sin, INVERSE: tl.constexpr):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of an [M, D] tile by angles given as cos/sin [M, D/2]."""
+    M: tl.constexpr = x.shape[0]
+    D: tl.constexpr = x.shape[1]
+    x0, x1 = tl.split(tl.reshape(x, [M, D // 2, 2]))
+    if INVERSE:
+        sin = -sin
+    return tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), [M, D])
+
+
+@triton.jit
+def _load_rotated(ptr, rows, offs_d, n_rows, head_dim, stride_row, COS, SIN, positions, ROPE: tl.constexpr):
+    """Load an [M, D] tile (zeros outside), RoPE-rotated at `positions` when ROPE."""
+    x = tl.load(ptr + rows[:, None] * stride_row + offs_d[None, :],
+                mask=(rows < n_rows)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    if ROPE:
+        half = tl.arange(0, x.shape[1] // 2)
+        table = positions[:, None] * (head_dim // 2) + half[None, :]
+        in_range = (rows < n_rows)[:, None] & (half < head_dim // 2)[None, :]
+        cos = tl.load(COS + table, mask=in_range, other=0.0)
+        sin = tl.load(SIN + table, mask=in_range, other=0.0)
+        x = _rotate(x.to(tl.float32), cos, sin, False).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _rotate_back(x, rows, n_rows, head_dim, COS, SIN, positions):
+    """Apply the inverse rotation R^T (the gradient of RoPE) to an fp32 [M, D] tile."""
+    half = tl.arange(0, x.shape[1] // 2)
+    table = positions[:, None] * (head_dim // 2) + half[None, :]
+    in_range = (rows < n_rows)[:, None] & (half < head_dim // 2)[None, :]
+    cos = tl.load(COS + table, mask=in_range, other=0.0)
+    sin = tl.load(SIN + table, mask=in_range, other=0.0)
+    return _rotate(x, cos, sin, True)
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, query_offset, qk_scale, window, max_distance,
+            BIAS_LUT, KEY_MASK, stride_kmask, KEY_LIMIT, stride_klimit,
+            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+            HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of a [BLOCK_M, BLOCK_N] tile in log2 units, -inf where the key is not visible; also the clamped
+    relative distance (key_pos - query_pos), which the backward needs for the bias gradient."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    rel = offs_n[None, :] - (offs_m + query_offset)[:, None]
+    clamped = tl.minimum(tl.maximum(rel, -max_distance), max_distance)  # buckets are constant beyond
+    if HAS_BIAS:
+        s += tl.load(BIAS_LUT + h * (2 * max_distance + 1) + clamped + max_distance)
+    visible = (offs_n < Lk)[None, :] & (offs_m < Lq)[:, None]
+    if CAUSAL:
+        visible &= rel <= 0
+    if HAS_WINDOW:
+        visible &= (rel <= window) & (rel >= -window)
+    if HAS_KEY_MASK:
+        visible &= (tl.load(KEY_MASK + b * stride_kmask + offs_n, mask=offs_n < Lk, other=0) != 0)[None, :]
+    if HAS_KEY_LIMIT:
+        limit = tl.load(KEY_LIMIT + b * stride_klimit + offs_m, mask=offs_m < Lq, other=0)
+        visible &= offs_n[None, :] < limit[:, None]
+    return tl.where(visible, s, float("-inf")), clamped
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p):
+    return tl.rand(seed + bh, offs_m[:, None] * Lk + offs_n[None, :]) >= dropout_p
+
+
+@triton.jit
+def _key_range(pid_m, b, Lq, Lk, query_offset, window, KEY_END, KEY_LIMIT, stride_klimit,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr):
+    """[lo, hi) of key positions a query block can see; lo rounded down to a block boundary."""
+    first_row = pid_m * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, Lq) - 1
+    lo = 0
+    hi = Lk
+    if HAS_KEY_MASK:
+        hi = tl.minimum(hi, tl.load(KEY_END + b))
+    if CAUSAL:
+        hi = tl.minimum(hi, last_row + query_offset + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, first_row + query_offset - window)
+        if not CAUSAL:
+            hi = tl.minimum(hi, last_row + query_offset + window + 1)
+    if HAS_KEY_LIMIT:  # per-query limits grow with the query index, so the last row's is the block's maximum
+        hi = tl.minimum(hi, tl.load(KEY_LIMIT + b * stride_klimit + last_row))
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, COS, SIN, BIAS_LUT, KEY_MASK, KEY_END, KEY_LIMIT, QK_SCALE,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, stride_kmask, stride_klimit,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    q = _load_rotated(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, head_dim, sqm, COS, SIN, offs_m + query_offset, ROPE)
+    qk_scale = tl.load(QK_SCALE + b)  # log2(e) * scale, per sequence for log-n scaling
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(pid_m, b, Lq, Lk, query_offset, window, KEY_END, KEY_LIMIT, stride_klimit,
+                        BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KEY_MASK, HAS_KEY_LIMIT)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rotated(K, offs_n, offs_d, Lk, head_dim, skn, COS, SIN, offs_n, ROPE)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :],
+                    mask=(offs_n < Lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        s, rel = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, query_offset, qk_scale, window, max_distance,
+                         BIAS_LUT, KEY_MASK, stride_kmask, KEY_LIMIT, stride_klimit,
+                         HAS_BIAS, CAUSAL, HAS_WINDOW, HAS_KEY_MASK, HAS_KEY_LIMIT, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=(offs_m < Lq)[:, None] & (offs_d < head_dim)[None, :])
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DTABLE, COS, SIN, BIAS_LUT, BUCKET_LUT, KEY_MASK, KEY_END, KEY_LIMIT,
+    QUERY_START, QK_SCALE,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    stride_kmask, stride_klimit, stride_qstart,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, num_buckets, seed, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BUCKETS_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += b * sqb + h * sqh
+    DO += b * sdob + h * sdoh
+    k = _load_rotated(K + b * skb + h * skh, offs_n, offs_d, Lk, head_dim, skn, COS, SIN, offs_n, ROPE)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                mask=(offs_n < Lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    qk_scale = tl.load(QK_SCALE + b)
+    scale = qk_scale / 1.4426950408889634
+
+    # Query rows [lo, hi) that can see some key of this block.
+    first_key = pid_n * BLOCK_N
+    last_key = tl.minimum(first_key + BLOCK_N, Lk) - 1
+    lo = 0
+    hi = Lq
+    if HAS_KEY_MASK:
+        hi = tl.where(first_key < tl.load(KEY_END + b), hi, 0)
+    if CAUSAL:
+        lo = tl.maximum(lo, first_key - query_offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, first_key - window - query_offset)
+        hi = tl.minimum(hi, last_key + window + 1 - query_offset)
+    if HAS_KEY_LIMIT:
+        lo = tl.maximum(lo, tl.load(QUERY_START + b * stride_qstart + pid_n))
+    lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dtable = tl.zeros([BUCKETS_PAD], tl.float32)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rotated(Q, offs_m, offs_d, Lq, head_dim, sqm, COS, SIN, offs_m + query_offset, ROPE)
+        do = tl.load(DO + offs_m[:, None] * sdom + offs_d[None, :],
+                     mask=(offs_m < Lq)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        s, rel = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, query_offset, qk_scale, window, max_distance,
+                         BIAS_LUT, KEY_MASK, stride_kmask, KEY_LIMIT, stride_klimit,
+                         HAS_BIAS, CAUSAL, HAS_WINDOW, HAS_KEY_MASK, HAS_KEY_LIMIT, PRECISION)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_dropped = p
+        dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])  # d loss / d (unscaled-domain score)
+        dk += tl.dot(tl.trans((ds * scale).to(q.dtype)), q, input_precision=PRECISION)
+        if HAS_BIAS:
+            bucket = tl.load(BUCKET_LUT + rel + max_distance)
+            # One masked sum per bucket in the tile: a single one beyond max_distance, where buckets are constant.
+            for target in range(tl.min(tl.min(bucket, 1), 0), tl.max(tl.max(bucket, 1), 0) + 1):
+                total = tl.sum(tl.sum(tl.where(bucket == target, ds, 0.0), 1), 0)
+                dtable += tl.where(tl.arange(0, BUCKETS_PAD) == target, total, 0.0)
+
+    if ROPE:
+        dk = _rotate_back(dk, offs_n, Lk, head_dim, COS, SIN, offs_n)
+    store_mask = (offs_n < Lk)[:, None] & (offs_d < head_dim)[None, :]
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=store_mask)
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=store_mask)
+    if HAS_BIAS:
+        buckets = tl.arange(0, BUCKETS_PAD)
+        tl.store(DTABLE + (bh * tl.num_programs(0) + pid_n) * num_buckets + buckets, dtable,
+                 mask=buckets < num_buckets)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, BIAS_LUT, KEY_MASK, KEY_END, KEY_LIMIT, QK_SCALE,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm, stride_kmask, stride_klimit,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    row_mask = (offs_m < Lq)[:, None] & (offs_d < head_dim)[None, :]
+    q = _load_rotated(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, head_dim, sqm, COS, SIN, offs_m + query_offset, ROPE)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    qk_scale = tl.load(QK_SCALE + b)
+    scale = qk_scale / 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(pid_m, b, Lq, Lk, query_offset, window, KEY_END, KEY_LIMIT, stride_klimit,
+                        BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KEY_MASK, HAS_KEY_LIMIT)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rotated(K, offs_n, offs_d, Lk, head_dim, skn, COS, SIN, offs_n, ROPE)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :],
+                    mask=(offs_n < Lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        s, rel = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, query_offset, qk_scale, window, max_distance,
+                         BIAS_LUT, KEY_MASK, stride_kmask, KEY_LIMIT, stride_klimit,
+                         HAS_BIAS, CAUSAL, HAS_WINDOW, HAS_KEY_MASK, HAS_KEY_LIMIT, PRECISION)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot((ds * scale).to(k.dtype), k, input_precision=PRECISION)
+
+    if ROPE:
+        dq = _rotate_back(dq, offs_m, Lq, head_dim, COS, SIN, offs_m + query_offset)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_mask)
+
+
+@triton.jit
+def _keep_mask_kernel(KEEP, Lq, Lk, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+        tl.store(KEEP + (bh * Lq + offs_m[:, None]) * Lk + offs_n[None, :], keep.to(tl.int8),
+                 mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------- host side
+
+
+def _dropout_seed(seed: Optional[int]) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float, device) -> torch.Tensor:
+    """The [B, H, Lq, Lk] bool mask of kept probabilities that the kernels draw for `dropout_seed=seed`."""
+    B, H, Lq, Lk = shape
+    keep = torch.empty(shape, dtype=torch.int8, device=device)
+    _keep_mask_kernel[(triton.cdiv(Lq, 16), B * H)](keep, Lq, Lk, seed, dropout_p, BLOCK_M=16, BLOCK_N=16)
+    return keep.bool()
+
+
+@dataclass(frozen=True)
+class RelativeBias:
+    """T5 bias description for the kernel: the learnable [num_buckets, heads] table and its bucketing."""
+
+    table: torch.Tensor
+    bidirectional: bool
+    max_distance: int = 128
+
+
+@dataclass
+class _Plan:
+    """Everything but q/k/v and the bias table, prepared once per call and reused by the backward."""
+
+    scale: torch.Tensor  # [B] fp32: log2(e) * scale (* log-n factor)
+    bias: Optional[RelativeBias]
+    bucket_lut: Optional[torch.Tensor]
+    rope: Optional[tuple[torch.Tensor, torch.Tensor]]
+    key_mask: Optional[torch.Tensor]
+    key_end: Optional[torch.Tensor]
+    key_limit: Optional[torch.Tensor]
+    causal: bool
+    window: Optional[int]
+    query_offset: int
+    dropout_p: float
+    seed: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_lut(bidirectional: bool, num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
+    distance = torch.arange(-max_distance, max_distance + 1, device=device)
+    return relative_position_bucket(
+        distance, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    ).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(positions: int, head_dim: int, base: float, device: torch.device):
+    """cos/sin [positions, head_dim/2] in fp32, computed in float64 (positions rounded up so the cache is reused)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq
+    return angles.cos().float().to(device).contiguous(), angles.sin().float().to(device).contiguous()
+
+
+def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages). Small blocks under the CPU interpreter (speed there is the number
+    of numpy ops); GPU values follow the Triton tutorial's defaults until tuned on the device."""
+    if device.type != "cuda":
+        return 16, 16, 1, 1
+    return (128, 64, 4, 3) if head_dim <= 64 else (128, 64, 8, 3)
+
+
+def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _new_like_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] output laid out as [B, L, H, D], so the model's merge of heads is a view, not a copy."""
+    b, h, length, d = x.shape
+    return _new((b, length, h, d), x).transpose(1, 2)
+
+
+def _dummy(device) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.int32, device=device)
+
+
+def _launch_args(plan: _Plan, q: torch.Tensor, bias_lut: Optional[torch.Tensor]):
+    dev = q.device
+    d = _dummy(dev)
+    cos, sin = plan.rope if plan.rope is not None else (d, d)
+    return dict(
+        COS=cos, SIN=sin, BIAS_LUT=bias_lut if bias_lut is not None else d,
+        KEY_MASK=plan.key_mask if plan.key_mask is not None else d,
+        KEY_END=plan.key_end if plan.key_end is not None else d,
+        KEY_LIMIT=plan.key_limit if plan.key_limit is not None else d,
+        QK_SCALE=plan.scale,
+        stride_kmask=plan.key_mask.stride(0) if plan.key_mask is not None else 0,
+        stride_klimit=plan.key_limit.stride(0) if plan.key_limit is not None else 0,
+        query_offset=plan.query_offset, window=plan.window or 0,
+        max_distance=plan.bias.max_distance if plan.bias is not None else 0,
+        seed=plan.seed, dropout_p=plan.dropout_p,
+        HAS_BIAS=plan.bias is not None, ROPE=plan.rope is not None, CAUSAL=plan.causal,
+        HAS_WINDOW=plan.window is not None, HAS_KEY_MASK=plan.key_mask is not None,
+        HAS_KEY_LIMIT=plan.key_limit is not None, DROPOUT=plan.dropout_p > 0,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+
+
+def _bias_lut(plan: _Plan) -> Optional[torch.Tensor]:
+    """[heads, 2*max_distance+1] fp32: the table's bias at each clamped distance, pre-multiplied by log2(e)."""
+    if plan.bias is None:
+        return None
+    table = plan.bias.table.detach().float()
+    return (table[plan.bucket_lut.long()].t() * LOG2E).contiguous()
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, table, plan: _Plan):
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        out = _new_like_heads(q)
+        lse = _new((B, H, Lq), q, torch.float32)
+        block_d = max(16, triton.next_power_of_2(D))
+        bias_lut = _bias_lut(plan)
+        grid = (triton.cdiv(Lq, plan.block_m), B * H)
+        _fwd_kernel[grid](
+            q, k, v, out, lse, **_launch_args(plan, q, bias_lut),
+            sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
+            svb=v.stride(0), svh=v.stride(1), svn=v.stride(2),
+            sob=out.stride(0), soh=out.stride(1), som=out.stride(2),
+            H=H, Lq=Lq, Lk=Lk, head_dim=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=block_d,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, table if table is not None else _dummy(q.device))
+        ctx.plan = plan
+        ctx.bias_lut = bias_lut
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, table = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        block_d = max(16, triton.next_power_of_2(D))
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        delta = (out.float() * grad_out.float()).sum(-1).contiguous()  # rowsum(O * dO) = rowsum(P * dP)
+        dq, dk, dv = _new_like_heads(q), _new_like_heads(k), _new_like_heads(v)
+        args = _launch_args(plan, q, ctx.bias_lut)
+        common = dict(
+            sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
+            svb=v.stride(0), svh=v.stride(1), svn=v.stride(2),
+            sdob=grad_out.stride(0), sdoh=grad_out.stride(1), sdom=grad_out.stride(2),
+            H=H, Lq=Lq, Lk=Lk, head_dim=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=block_d,
+        )
+        key_blocks = triton.cdiv(Lk, plan.block_n)
+        num_buckets = plan.bias.table.shape[0] if plan.bias is not None else 1
+        dtable_parts = _new((B * H, key_blocks, num_buckets), q, torch.float32) if plan.bias is not None else None
+        query_start = None
+        if plan.key_limit is not None:
+            # First query row whose visible prefix reaches into each key block (limits grow with the row).
+            block_starts = torch.arange(0, Lk, plan.block_n, device=q.device, dtype=torch.int32)
+            query_start = torch.searchsorted(
+                plan.key_limit, block_starts.expand(B, -1).contiguous(), right=True
+            ).to(torch.int32)
+        _bwd_dkdv_kernel[(key_blocks, B * H)](
+            q, k, v, grad_out, lse, delta, dk, dv,
+            dtable_parts if dtable_parts is not None else _dummy(q.device),
+            BUCKET_LUT=plan.bucket_lut if plan.bucket_lut is not None else _dummy(q.device),
+            QUERY_START=query_start if query_start is not None else _dummy(q.device),
+            stride_qstart=query_start.stride(0) if query_start is not None else 0,
+            sdkb=dk.stride(0), sdkh=dk.stride(1), sdkn=dk.stride(2),
+            sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2),
+            num_buckets=num_buckets, BUCKETS_PAD=triton.next_power_of_2(num_buckets), **common, **args,
+        )
+        _bwd_dq_kernel[(triton.cdiv(Lq, plan.block_m), B * H)](
+            q, k, v, grad_out, lse, delta, dq,
+            sdqb=dq.stride(0), sdqh=dq.stride(1), sdqm=dq.stride(2), **common, **args,
+        )
+        dtable = None
+        if dtable_parts is not None and ctx.needs_input_grad[3]:
+            dtable = dtable_parts.view(B, H, key_blocks, num_buckets).sum(dim=(0, 2)).t().to(table.dtype)
+        return dq, dk, dv, dtable, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    bias: Optional[RelativeBias] = None,
+    rotary_base: Optional[float] = None,
+    key_padding: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    segment_ids: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    query_offset: int = 0,
+    logn_base: Optional[int] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
+    block_sizes: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """softmax(scale * q k^T + T5 bias, masked) v for q [B, H, Lq, D], k/v [B, H, Lk, D], fused in Triton.
+
+    Query i sits at position `query_offset + i`, key j at j. `key_padding` [B, Lk] is True for real keys;
+    `segment_ids` [B, Lk] are UniLM segments (source 0 bidirectional, target 1 causal); `window` limits
+    |query - key| (left side only when causal). `logn_base` multiplies the scale by log(n)/log(logn_base), n the
+    sequence's number of real keys (Su's entropy-invariant attention). Rows with no visible key return zeros.
+    Dropout draws its seed from torch's generator unless `dropout_seed` is given (see `dropout_keep_mask`).
+    """
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q [B,H,Lq,D] and k, v [B,H,Lk,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if rotary_base is not None and D % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {D}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q, k, v must share one of float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    device = q.device
+
+    key_mask = key_end = None
+    if key_padding is not None:
+        key_mask = key_padding.to(device=device, dtype=torch.int8).contiguous()
+        positions = torch.arange(1, Lk + 1, device=device, dtype=torch.int32)
+        key_end = (key_mask.to(torch.int32) * positions).amax(dim=1).to(torch.int32)  # last real key + 1
+    key_limit = None
+    if segment_ids is not None:
+        cumulative = segment_ids.to(device=device, dtype=torch.int32).cumsum(dim=1).to(torch.int32)
+        query_cumulative = cumulative[:, query_offset: query_offset + Lq].contiguous()
+        key_limit = torch.searchsorted(cumulative.contiguous(), query_cumulative, right=True).to(torch.int32)
+
+    row_scale = torch.full((B,), scale * LOG2E, dtype=torch.float32, device=device)
+    if logn_base is not None:
+        real_keys = key_padding.sum(dim=1).clamp(min=1) if key_padding is not None else torch.full((B,), Lk, device=device)
+        row_scale = row_scale * (real_keys.double().log() / math.log(logn_base)).float()
+
+    rope = None
+    if rotary_base is not None:
+        positions_needed = max(Lq + query_offset, Lk)
+        rope = _rope_tables(triton.cdiv(positions_needed, 1024) * 1024, D, float(rotary_base), device)
+
+    bucket_lut = None
+    if bias is not None:
+        if bias.table.dim() != 2 or bias.table.shape[1] != H:
+            raise ValueError(f"bias table must be [num_buckets, {H}], got {tuple(bias.table.shape)}")
+        bucket_lut = _bucket_lut(bias.bidirectional, bias.table.shape[0], bias.max_distance, device)
+
+    block_m, block_n, num_warps, num_stages = _blocks(D, device)
+    if block_sizes is not None:
+        block_m, block_n = block_sizes
+    plan = _Plan(
+        scale=row_scale, bias=bias, bucket_lut=bucket_lut, rope=rope, key_mask=key_mask, key_end=key_end,
+        key_limit=key_limit, causal=causal, window=window, query_offset=query_offset, dropout_p=float(dropout_p),
+        seed=_dropout_seed(dropout_seed) if dropout_p > 0 else 0,
+        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
+    return _FlashAttention.apply(q, k, v, bias.table if bias is not None else None, plan)
