@@ -230,3 +230,26 @@ def test_half_precision_on_gpu(name, dtype):
         err = (g.double().cpu() - e).abs().max().item()
         base_err = (b.double().cpu() - e).abs().max().item()
         assert err <= 3 * base_err + 1e-3 * e.abs().max().item(), f"{name} {dtype}: {label} {err:.2e} vs {base_err:.2e}"
+
+
+def test_attention_benchmark_runs_and_its_candidates_agree(tmp_path):
+    """benchmarks/attention.py stays runnable: its --smoke mode (tiny fp32 shapes, interpreter on CPU) times every
+    candidate and checks each one's forward against the reference before timing."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "attention.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "attention.py"), "--smoke", "--model", "--output", str(out)],
+                   check=True, env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")},
+                   capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    assert len(results["checks"]) == 10 and max(results["checks"].values()) < 1e-4
+    timed = {(r["scenario"], r["mode"], r["candidate"]) for r in results["kernels"] if r["ms"]}
+    for scenario, candidate in [("t5-encoder", "ours"), ("t5-decoder-causal", "ours"), ("rope", "ours-rope-in-kernel"),
+                                ("rope", "ours-rope-outside"), ("t5-encoder", "sdpa+bias")]:
+        assert {(scenario, "fwd", candidate), (scenario, "fwd+bwd", candidate)} <= timed
+    assert [r["backend"] for r in results["model"] if r["ms"]] == ["sdpa", "triton"]
