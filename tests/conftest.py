@@ -59,29 +59,78 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _wait_for_http(url: str, timeout: float) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # answering (401 is an answer)
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A real local Ray cluster for the whole session: token auth on, dashboard on 127.0.0.1 only."""
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` started by platform/mlflow_server.sh on loopback: basic auth, proxied artifacts."""
     import os
     import secrets
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    script = Path(__file__).resolve().parents[1] / "platform" / "mlflow_server.sh"
+    home = tmp_path_factory.mktemp("mlflow_server")
+    port, password = _free_port(), secrets.token_urlsafe(24)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(script), "--home", str(home / "store"), "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_http(url + "/health", timeout=120)
+        yield SimpleNamespace(url=url, username="admin", password=password, home=home, log=home / "server.log")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, mlflow_server):
+    """A real local two-node Ray cluster for the whole session, started by cluster/local_cluster.sh (the script
+    the README uses): token auth on, dashboard and job API on 127.0.0.1 only. As on a real cluster, the nodes get
+    the tracking server's credentials from their environment at start, never from job submissions."""
+    import os
     import subprocess
     import sys
     import time
     from pathlib import Path
     from types import SimpleNamespace
 
+    script = Path(__file__).resolve().parents[1] / "cluster" / "local_cluster.sh"
     bin_dir = Path(sys.executable).parent
-    token = secrets.token_hex(32)
+    state = tmp_path_factory.mktemp("ray_cluster")
     port, dashboard_port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run(
-        [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=6",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         "--disable-usage-stats"],
-        env=env, check=True, capture_output=True,
-    )
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # before ray is imported: read at import
+    env = {**os.environ, "SUFORMER_CLUSTER_DIR": str(state), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_USERNAME": mlflow_server.username, "MLFLOW_TRACKING_PASSWORD": mlflow_server.password}
+    subprocess.run([str(script), "start", "--workers", "1", "--cpus-per-node", "3", "--port", str(port),
+                    "--dashboard-port", str(dashboard_port)], env=env, check=True, capture_output=True)
+    token_file = state / "auth_token"
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(key)  # the nodes have them; the test's own commands do not need them
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))  # read when ray is imported
     import ray
 
     address = f"127.0.0.1:{port}"
@@ -90,7 +139,8 @@ def ray_cluster(tmp_path_factory):
     while ray.cluster_resources().get("CPU", 0) < 6 and time.time() < deadline:
         time.sleep(0.5)
     try:
-        yield SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard_port}", env=env, token=token)
+        yield SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard_port}", env=env,
+                              token=token_file.read_text().strip())
     finally:
         ray.shutdown()
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True)
+        subprocess.run([str(script), "stop"], env=env, capture_output=True)

@@ -184,3 +184,45 @@ def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
     assert again["run_id"] == first["run_id"] == run.info.run_id
     assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6]
     assert Path(again["checkpoint"]).name == "step-00000006"
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(ray_cluster, tmp_path):
+    """A checkpoint truncated after it was written (a lost copy, a full disk) is recognised on resume from its
+    manifest; training continues from the previous complete checkpoint and ends with the same weights as an
+    uninterrupted run. The damaged files are left where they were."""
+    from suformer.train.pretrain import run_pretraining
+
+    common = dict(checkpoint_every=2, warmup_steps=0, max_failures=0, keep_checkpoints=5, schedule="constant")
+    cfg = load_config(CONFIG, small(tmp_path / "a", "damaged", max_steps=4, **common))
+    run_pretraining(cfg)
+    latest = Path(cfg.run.root) / "checkpoints" / "damaged" / "step-00000004"
+    victim = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+    longer = load_config(CONFIG, small(tmp_path / "a", "damaged", max_steps=6, **common))
+    resumed = run_pretraining(longer)
+    straight = run_pretraining(load_config(CONFIG, small(tmp_path / "b", "straight", max_steps=6, **common)))
+    assert Path(resumed["checkpoint"]).name == "step-00000006"
+    assert victim.exists()
+    run, history = loss_history(longer)
+    assert run.data.tags["suformer.resumed_from"] == "step-00000002"
+    assert f"step-00000004 ({victim.relative_to(latest)} has" in run.data.tags["suformer.skipped_checkpoints"]
+    assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6]
+    a, b = from_pretrained(resumed["model_dir"]).state_dict(), from_pretrained(straight["model_dir"]).state_dict()
+    for key, value in a.items():
+        assert torch.allclose(value, b[key], atol=1e-5), key
+
+
+def test_checkpoint_problem_names_the_damage(tmp_path):
+    from suformer.train.loop import _write_manifest, checkpoint_problem
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "shard.pt").write_bytes(b"x" * 100)
+    (tmp_path / "train_state.json").write_text(json.dumps({"step": 2, "world_size": 1}))
+    assert checkpoint_problem(tmp_path) == "manifest_rank0.json is missing"
+    _write_manifest(tmp_path, 0)
+    assert checkpoint_problem(tmp_path) is None
+    (tmp_path / "state" / "shard.pt").write_bytes(b"x" * 60)
+    assert checkpoint_problem(tmp_path) == "state/shard.pt has 60 bytes, 100 were written"
+    (tmp_path / "state" / "shard.pt").unlink()
+    assert checkpoint_problem(tmp_path) == "state/shard.pt is missing"

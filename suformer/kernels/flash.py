@@ -49,10 +49,16 @@ def _rotate(x, cos, sin, INVERSE: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, rows, offs_d, n_rows, head_dim, stride_row):
+    """An [M, D] tile of a [rows, head_dim] matrix, zeros outside it."""
+    return tl.load(ptr + rows[:, None] * stride_row + offs_d[None, :],
+                   mask=(rows < n_rows)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+
+
+@triton.jit
 def _load_rotated(ptr, rows, offs_d, n_rows, head_dim, stride_row, COS, SIN, positions, ROPE: tl.constexpr):
     """Load an [M, D] tile (zeros outside), RoPE-rotated at `positions` when ROPE."""
-    x = tl.load(ptr + rows[:, None] * stride_row + offs_d[None, :],
-                mask=(rows < n_rows)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    x = _load_tile(ptr, rows, offs_d, n_rows, head_dim, stride_row)
     if ROPE:
         half = tl.arange(0, x.shape[1] // 2)
         table = positions[:, None] * (head_dim // 2) + half[None, :]
@@ -154,8 +160,7 @@ def _fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rotated(K, offs_n, offs_d, Lk, head_dim, skn, COS, SIN, offs_n, ROPE)
-        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :],
-                    mask=(offs_n < Lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        v = _load_tile(V, offs_n, offs_d, Lk, head_dim, svn)
         s, rel = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, query_offset, qk_scale, window, max_distance,
                          BIAS_LUT, KEY_MASK, stride_kmask, KEY_LIMIT, stride_klimit,
                          HAS_BIAS, CAUSAL, HAS_WINDOW, HAS_KEY_MASK, HAS_KEY_LIMIT, PRECISION)
@@ -198,8 +203,7 @@ def _bwd_dkdv_kernel(
     Q += b * sqb + h * sqh
     DO += b * sdob + h * sdoh
     k = _load_rotated(K + b * skb + h * skh, offs_n, offs_d, Lk, head_dim, skn, COS, SIN, offs_n, ROPE)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                mask=(offs_n < Lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, Lk, head_dim, svn)
     qk_scale = tl.load(QK_SCALE + b)
     scale = qk_scale / 1.4426950408889634
 
@@ -225,8 +229,7 @@ def _bwd_dkdv_kernel(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rotated(Q, offs_m, offs_d, Lq, head_dim, sqm, COS, SIN, offs_m + query_offset, ROPE)
-        do = tl.load(DO + offs_m[:, None] * sdom + offs_d[None, :],
-                     mask=(offs_m < Lq)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        do = _load_tile(DO, offs_m, offs_d, Lq, head_dim, sdom)
         lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         s, rel = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, query_offset, qk_scale, window, max_distance,
@@ -280,9 +283,8 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     K += b * skb + h * skh
     V += b * svb + h * svh
-    row_mask = (offs_m < Lq)[:, None] & (offs_d < head_dim)[None, :]
     q = _load_rotated(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, head_dim, sqm, COS, SIN, offs_m + query_offset, ROPE)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=row_mask, other=0.0)
+    do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, Lq, head_dim, sdom)
     lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     qk_scale = tl.load(QK_SCALE + b)
@@ -294,8 +296,7 @@ def _bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rotated(K, offs_n, offs_d, Lk, head_dim, skn, COS, SIN, offs_n, ROPE)
-        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :],
-                    mask=(offs_n < Lk)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        v = _load_tile(V, offs_n, offs_d, Lk, head_dim, svn)
         s, rel = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, query_offset, qk_scale, window, max_distance,
                          BIAS_LUT, KEY_MASK, stride_kmask, KEY_LIMIT, stride_klimit,
                          HAS_BIAS, CAUSAL, HAS_WINDOW, HAS_KEY_MASK, HAS_KEY_LIMIT, PRECISION)
@@ -310,7 +311,7 @@ def _bwd_dq_kernel(
     if ROPE:
         dq = _rotate_back(dq, offs_m, Lq, head_dim, COS, SIN, offs_m + query_offset)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_mask)
+             mask=(offs_m < Lq)[:, None] & (offs_d < head_dim)[None, :])
 
 
 @triton.jit

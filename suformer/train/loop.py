@@ -2,8 +2,10 @@
 
 Every `checkpoint_every` steps each rank saves its DeepSpeed shard plus its data position and RNG state into a
 local directory and reports it; Ray Train merges the ranks' files into one checkpoint and registers it only once
-every rank has reported, so a checkpoint is complete or absent. A restarted worker resumes from the latest one and
-replays exactly the same batches and dropout masks.
+every rank has reported, so a checkpoint is complete or absent. Each rank also writes, last, a manifest of its
+files and their sizes: a checkpoint damaged afterwards (a truncated copy, a lost file) is recognised on resume and
+the previous complete one is used instead. A restarted worker resumes and replays exactly the same batches and
+dropout masks.
 """
 from __future__ import annotations
 
@@ -79,6 +81,45 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _write_manifest(directory: Path, rank: int) -> None:
+    """Record this rank's files and sizes; written last, so its presence means the rank's part was written."""
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+    (directory / f"manifest_rank{rank}.json").write_text(json.dumps(files))
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (a missing or truncated file), or None if it is complete."""
+    state_file = directory / "train_state.json"
+    if not state_file.is_file():
+        return "train_state.json is missing"
+    world = json.loads(state_file.read_text())["world_size"]
+    for rank in range(world):
+        manifest = directory / f"manifest_rank{rank}.json"
+        if not manifest.is_file():
+            return f"{manifest.name} is missing"
+        for name, size in json.loads(manifest.read_text()).items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _resume_candidates(checkpoint):
+    """The latest checkpoint, then older ones of the same run (newest first), as Ray Checkpoints."""
+    import pyarrow.fs
+    import ray.train
+
+    yield checkpoint
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    siblings = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted((i.path for i in siblings if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("step-") and i.base_name < name), reverse=True)
+    for path in older:
+        yield ray.train.Checkpoint(path, filesystem=checkpoint.filesystem)
+
+
 def _say(line: str) -> None:
     """A progress line, once: Ray Train patches print() in workers to also feed its logger (printed twice)."""
     sys.stdout.write(f"[suformer] {line}\n")
@@ -114,6 +155,21 @@ def train_loop_per_worker(config: dict) -> None:
     step, position = 0, StreamPosition()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        skipped = []
+        for candidate in _resume_candidates(checkpoint):
+            with candidate.as_directory() as d:
+                problem = checkpoint_problem(Path(d))
+            if problem is None:
+                checkpoint = candidate
+                break
+            skipped.append(f"{candidate.path.rstrip('/').rsplit('/', 1)[1]} ({problem})")
+        else:
+            raise RuntimeError(f"no complete checkpoint to resume from: {'; '.join(skipped)}")
+        if skipped and rank == 0:
+            _say(f"skipping incomplete checkpoints, newest first: {'; '.join(skipped)}")
+        resumed_from = {"suformer.resumed_from": checkpoint.path.rstrip("/").rsplit("/", 1)[1]}
+        if skipped:
+            resumed_from["suformer.skipped_checkpoints"] = "; ".join(skipped)
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
             state = json.loads((Path(d) / "train_state.json").read_text())
@@ -127,6 +183,9 @@ def train_loop_per_worker(config: dict) -> None:
             _say(f"resumed from checkpoint at step {step}")
 
     logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if logger and checkpoint:  # where this attempt started, visible in the MLflow UI
+        for key, value in resumed_from.items():
+            logger.client.set_tag(logger.run_id, key, value)
     stream = micro_batches(ray.train.get_dataset_shard("train"), cfg.data.objective, t.micro_batch_size,
                            t.max_tokens_per_batch, position)
     peak = next((v for k, v in PEAK_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
@@ -196,6 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     (Path(tmp) / "train_state.json").write_text(json.dumps(
                         {"step": step, "run_id": config["run_id"], "world_size": world}))
+                _write_manifest(Path(tmp), rank)
                 ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{step:08d}")
     if logger:

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# A local multi-node Ray cluster on one machine: a head node and N worker nodes, token auth on, dashboard and job
+# API on 127.0.0.1 only. The same shape as the GPU cluster, small enough for a laptop and for the tests.
+#
+#   cluster/local_cluster.sh start [--workers N] [--cpus-per-node C] [--port P] [--dashboard-port D]
+#   eval "$(cluster/local_cluster.sh env)"      # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, RAY_AUTH_MODE, token path
+#   ray job submit --working-dir . -- python jobs/pretrain.py
+#   cluster/local_cluster.sh status | stop
+#
+# The auth token is generated once into $SUFORMER_CLUSTER_DIR/auth_token (mode 600; default ~/.suformer/cluster)
+# and handed to every node through RAY_AUTH_TOKEN_PATH, never on a command line. Credentials the jobs need (for
+# example MLFLOW_TRACKING_USERNAME/PASSWORD) are read from this shell's environment when the nodes start, so jobs
+# and Train workers inherit them without putting them in `ray job submit` arguments.
+set -euo pipefail
+
+STATE_DIR="${SUFORMER_CLUSTER_DIR:-$HOME/.suformer/cluster}"
+TOKEN_FILE="$STATE_DIR/auth_token"
+RAY="${RAY:-ray}"
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+ensure_token() {
+  mkdir -p "$STATE_DIR"
+  chmod 700 "$STATE_DIR"
+  if [[ ! -s "$TOKEN_FILE" ]]; then
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' > "$TOKEN_FILE")
+  fi
+}
+
+auth_env() {
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
+  unset RAY_AUTH_TOKEN  # the file is the single source of the token
+}
+
+start() {
+  local workers=2 cpus=2 port=6379 dashboard_port=8265
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --workers) workers="$2"; shift 2 ;;
+      --cpus-per-node) cpus="$2"; shift 2 ;;
+      --port) port="$2"; shift 2 ;;
+      --dashboard-port) dashboard_port="$2"; shift 2 ;;
+      -h|--help) usage ;;
+      *) echo "local_cluster.sh: unknown option '$1'" >&2; usage 2 ;;
+    esac
+  done
+  ensure_token
+  auth_env
+  echo "starting head (127.0.0.1:$port, dashboard 127.0.0.1:$dashboard_port, $cpus CPUs)"
+  "$RAY" start --head --node-ip-address=127.0.0.1 --port="$port" --num-cpus="$cpus" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --include-dashboard=true \
+    --disable-usage-stats > "$STATE_DIR/head.log" 2>&1 || { cat "$STATE_DIR/head.log" >&2; exit 1; }
+  for ((i = 1; i <= workers; i++)); do
+    # Each node gets its own temp dir, as separate machines would: nodes sharing one would unpack a job's
+    # working directory into the same path and pull it from under each other's running processes. (Short
+    # paths: Ray's unix sockets live there.)
+    local node_tmp="${TMPDIR:-/tmp}/suformer-ray-$port-node$i"
+    echo "$node_tmp" >> "$STATE_DIR/node_dirs"
+    echo "starting worker node $i ($cpus CPUs)"
+    "$RAY" start --address="127.0.0.1:$port" --node-ip-address=127.0.0.1 --num-cpus="$cpus" \
+      --temp-dir="$node_tmp" --disable-usage-stats > "$STATE_DIR/worker_$i.log" 2>&1 \
+      || { cat "$STATE_DIR/worker_$i.log" >&2; exit 1; }
+  done
+  printf '%s\n' "$port" "$dashboard_port" > "$STATE_DIR/ports"
+  # The job API answers before the head's job agent is registered ("No available agent"): wait for a no-op job.
+  local tries=0
+  until "$RAY" job submit --address "http://127.0.0.1:$dashboard_port" -- python -c "pass" \
+      > "$STATE_DIR/ready.log" 2>&1; do
+    (( ++tries >= 60 )) && { echo "job API not ready after 120 s:" >&2; cat "$STATE_DIR/ready.log" >&2; exit 1; }
+    sleep 2
+  done
+  echo "cluster up: $((workers + 1)) nodes, accepting jobs. Next: eval \"\$($0 env)\""
+}
+
+print_env() {
+  [[ -f "$STATE_DIR/ports" ]] || { echo "no local cluster started from $STATE_DIR" >&2; exit 1; }
+  local port dashboard_port
+  { read -r port; read -r dashboard_port; } < "$STATE_DIR/ports"
+  echo "export RAY_ADDRESS=127.0.0.1:$port"
+  echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dashboard_port"
+  echo "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE"
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  stop)
+    auth_env
+    "$RAY" stop --force
+    if [[ -f "$STATE_DIR/node_dirs" ]]; then xargs rm -rf < "$STATE_DIR/node_dirs"; fi
+    rm -f "$STATE_DIR/ports" "$STATE_DIR/node_dirs" ;;
+  status) auth_env; eval "$(print_env)"; "$RAY" status --address "$RAY_ADDRESS" ;;
+  env) print_env ;;
+  -h|--help|"") usage ;;
+  *) echo "local_cluster.sh: unknown command '$1'" >&2; usage 2 ;;
+esac

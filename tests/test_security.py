@@ -1,0 +1,124 @@
+"""Security defaults against the real services: the local Ray cluster's job API and the MLflow tracking server,
+and what a `ray job submit` uploads and records."""
+import os
+import stat
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _status(url, headers=None):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _basic(user, password):
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_job_api_requires_the_cluster_token(ray_cluster):
+    jobs = ray_cluster.dashboard + "/api/jobs/"
+    assert _status(jobs) == 401
+    assert _status(jobs, {"Authorization": "Bearer " + "0" * 64}) in (401, 403)
+    assert _status(jobs, {"Authorization": f"Bearer {ray_cluster.token}"}) == 200
+
+
+def test_cluster_token_is_a_private_file(ray_cluster):
+    token_file = Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"])
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    assert ray_cluster.token not in (token_file.parent / "head.log").read_text()
+
+
+def test_tracking_server_requires_a_login(mlflow_server):
+    search = mlflow_server.url + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _status(search) == 401
+    assert _status(search, _basic("admin", "not-the-password")) == 401
+    assert _status(search, _basic("admin", mlflow_server.password)) == 200
+    # DNS rebinding: a request naming a foreign host is refused even with valid credentials.
+    assert _status(search, {**_basic("admin", mlflow_server.password), "Host": "attacker.example"}) == 403
+    auth_config = (mlflow_server.home / "store" / "basic_auth.ini").read_text()
+    assert mlflow_server.password not in auth_config and mlflow_server.password not in mlflow_server.log.read_text()
+
+
+@pytest.mark.parametrize("args,env,message", [
+    ([], {}, "set MLFLOW_AUTH_ADMIN_PASSWORD"),
+    (["--no-auth", "--host", "0.0.0.0"], {}, "refusing --no-auth on 0.0.0.0"),
+    (["--bogus"], {"MLFLOW_AUTH_ADMIN_PASSWORD": "x" * 16}, "unknown option '--bogus'"),
+])
+def test_tracking_server_refuses_unsafe_starts(tmp_path, args, env, message):
+    clean = {k: v for k, v in os.environ.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    proc = subprocess.run([str(REPO / "platform" / "mlflow_server.sh"), "--home", str(tmp_path), *args],
+                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def _submit(ray_cluster, working_dir, *entry):
+    proc = subprocess.run([RAY, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(working_dir),
+                           "--", *entry], env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_job_uploads_leave_data_checkpoints_and_secrets_behind(ray_cluster, tmp_path):
+    """A project directory with the repo's ignore files and everything that must not travel: the job sees code only."""
+    project = tmp_path / "project"
+    for name in (".gitignore", ".rayignore"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text((REPO / name).read_text())
+    kept = ["jobs/pretrain.py", "jobs/configs/a.yaml", "suformer/x.py", "list_files.py"]
+    left_behind = ["mlflow.db", "runs/demo/checkpoints/step-1/state.pt", "mlruns/0/meta.yaml", ".env", "auth_token",
+                   "secrets/aws.key", "data/shard-00000.parquet", "model/model.safetensors", "mlflow-server/basic_auth.ini",
+                   ".venv/bin/python"]
+    for rel in kept + left_behind:
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text("x")
+    (project / "list_files.py").write_text(
+        "import os\nfor d, _, fs in os.walk('.'):\n    for f in fs:\n        print('FILE', os.path.join(d, f)[2:])\n")
+    out = _submit(ray_cluster, project, "python", "list_files.py")
+    uploaded = {line.split("FILE ", 1)[1].strip() for line in out.splitlines() if "FILE " in line}
+    assert set(kept) <= uploaded
+    assert not uploaded & set(left_behind), uploaded & set(left_behind)
+
+
+def test_job_tracks_into_the_login_server_without_leaking_credentials(ray_cluster, mlflow_server, tmp_path,
+                                                                      monkeypatch):
+    """`ray job submit -- python jobs/pretrain.py` tracking into the shared server: the run, its metrics and its
+    artifacts arrive through the login (credentials come from the nodes' environment), and the password shows
+    up nowhere: not in params, tags, the job's output or the uploaded files."""
+    sets = [f"run.root={tmp_path}", "run.name=tracked", f"run.tracking_uri={mlflow_server.url}",
+            "data.max_documents=300", "data.rows_per_shard=40", "data.vocab_size=2000", "train.max_steps=4",
+            "train.log_every=1", "train.checkpoint_every=4", "train.samples_to_log=1", "train.micro_batch_size=4"]
+    entry = [sys.executable.replace(" ", "\\ "), "jobs/pretrain.py", "--config", "jobs/configs/t5_pegasus_tiny_cpu.yaml"]
+    for s in sets:
+        entry += ["--set", s]
+    out = _submit(ray_cluster, REPO, *entry)
+    assert mlflow_server.password not in out
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.password)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name("suformer-pretrain")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`suformer.run_name` = 'tracked'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert {"model", "setup"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, no bucket creds in jobs
+    recorded = list(run.data.params.values()) + list(run.data.tags.values())
+    assert not any(mlflow_server.password in str(value) for value in recorded)
