@@ -42,6 +42,8 @@ class ModelSection(_Strict):
 class DataSection(_Strict):
     corpus: str = "peoples_daily"  # "peoples_daily" (bundled) or paths/globs of .txt, .jsonl, .parquet files
     max_documents: Optional[int] = Field(None, gt=0)
+    # Longer documents (a runaway line, a binary file read as text) are skipped and counted, not trained on.
+    max_document_chars: int = Field(1_000_000, gt=0)
     objective: Literal["pegasus", "mlm", "unilm"] = "pegasus"
     vocab: Optional[str] = None  # vocab.txt; None builds one from the corpus
     vocab_size: int = Field(50000, gt=106)

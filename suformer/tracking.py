@@ -83,6 +83,18 @@ def log_params(tracking_uri: str, run_id: str, params: dict, mutable: frozenset 
         client.log_batch(run_id, params=items[i : i + 100])
 
 
+def log_counts(tracking_uri: str, run_id: str, counts: dict[str, int], prefix: str) -> None:
+    """Counts known before training (e.g. skipped documents) as metrics at step 0, once per run."""
+    from mlflow.entities import Metric
+
+    client = _client(tracking_uri)
+    existing = client.get_run(run_id).data.metrics
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{prefix}{k}", float(v), now, 0) for k, v in counts.items() if f"{prefix}{k}" not in existing]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+
+
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str, artifact_path: Optional[str] = None) -> None:
     _client(tracking_uri).log_artifacts(run_id, local_dir, artifact_path)
 

@@ -1,5 +1,7 @@
 import itertools
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,12 @@ import torch
 if not torch.cuda.is_available():
     # The Triton kernels run under the CPU interpreter here; it is chosen when triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Ray reads its auth settings when it is first imported, by whichever test that is: the session cluster's token
+# file is therefore chosen now (cluster/local_cluster.sh writes the token into it when the cluster starts).
+CLUSTER_STATE = Path(tempfile.mkdtemp(prefix="suformer-test-cluster-"))
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(CLUSTER_STATE / "auth_token"))
+os.environ.pop("RAY_AUTH_TOKEN", None)
 
 from suformer.data.corpora import peoples_daily, review_sentences
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
@@ -107,20 +115,19 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory, mlflow_server):
+def ray_cluster(mlflow_server):
     """A real local two-node Ray cluster for the whole session, started by cluster/local_cluster.sh (the script
     the README uses): token auth on, dashboard and job API on 127.0.0.1 only. As on a real cluster, the nodes get
     the tracking server's credentials from their environment at start, never from job submissions."""
-    import os
+    import shutil
     import subprocess
     import sys
     import time
-    from pathlib import Path
     from types import SimpleNamespace
 
     script = Path(__file__).resolve().parents[1] / "cluster" / "local_cluster.sh"
     bin_dir = Path(sys.executable).parent
-    state = tmp_path_factory.mktemp("ray_cluster")
+    state = CLUSTER_STATE
     port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "SUFORMER_CLUSTER_DIR": str(state), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_USERNAME": mlflow_server.username, "MLFLOW_TRACKING_PASSWORD": mlflow_server.password}
@@ -129,8 +136,6 @@ def ray_cluster(tmp_path_factory, mlflow_server):
     token_file = state / "auth_token"
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(key)  # the nodes have them; the test's own commands do not need them
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))  # read when ray is imported
     import ray
 
     address = f"127.0.0.1:{port}"
@@ -144,3 +149,4 @@ def ray_cluster(tmp_path_factory, mlflow_server):
     finally:
         ray.shutdown()
         subprocess.run([str(script), "stop"], env=env, capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)

@@ -101,7 +101,9 @@ def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
     assert {"model", "setup", "samples.txt"} <= artifacts
     assert {"setup/deepspeed.json", "setup/vocab.txt", "setup/config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "setup")}
-    assert any(k.startswith("system/") for k in client.get_run(run.info.run_id).data.metrics)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert any(k.startswith("system/") for k in metrics)
+    assert metrics["data/documents"] == 600 and metrics["data/examples"] > 0
     assert str(tmp_path) in client.get_experiment(run.info.experiment_id).artifact_location  # not the job's temp dir
     model_dir = cfg.run_dir / "model"
     ours = from_pretrained(model_dir)

@@ -19,8 +19,10 @@ import hashlib
 import json
 import random
 import shutil
+import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections import Counter
+from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 
@@ -56,13 +58,40 @@ def corpus_files(corpus: str) -> list[Path]:
     for f in files:
         if f.suffix not in (".txt", ".jsonl", ".parquet"):
             raise DataError(f"data.corpus: {f}: unsupported format {f.suffix!r} (use .txt, .jsonl or .parquet)")
+        if f.suffix == ".parquet":
+            _check_parquet(f, "data.corpus: ")
         if f.stat().st_size == 0:
             raise DataError(f"data.corpus: {f}: empty file")
     return files
 
 
-def read_documents(corpus: str, max_documents=None) -> Iterator[str]:
-    """Documents in corpus order; blank ones are skipped."""
+def _check_parquet(path: Path, prefix: str = "") -> int:
+    """Rows of a readable Parquet file, else a DataError naming it (read from the footer: cheap)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{prefix}{path}: not a readable Parquet file ({error})") from None
+
+
+def _decoded_lines(path: Path, counts: Counter) -> Iterator[str]:
+    """Lines as text; a line that is not valid UTF-8 is decoded with replacement characters and counted."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                counts["invalid_utf8_lines"] += 1
+                yield raw.decode("utf-8", errors="replace")
+
+
+def read_documents(corpus: str, max_documents=None, max_chars: int = 1_000_000,
+                   counts: Optional[Counter] = None) -> Iterator[str]:
+    """Documents in corpus order. Empty and over-long documents are skipped, NUL characters removed and
+    non-UTF-8 lines decoded with replacement characters, each counted in `counts` when given."""
+    counts = Counter() if counts is None else counts
+
     def documents() -> Iterator[str]:
         if corpus == "peoples_daily":
             yield from corpora.peoples_daily()
@@ -74,30 +103,37 @@ def read_documents(corpus: str, max_documents=None) -> Iterator[str]:
                 table = pq.read_table(path)
                 if "text" not in table.column_names:
                     raise DataError(f"{path}: no 'text' column (columns: {table.column_names})")
-                yield from (t for t in table.column("text").to_pylist() if t)
+                yield from (t or "" for t in table.column("text").to_pylist())  # nulls count as empty
                 continue
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line_no, line in enumerate(f, 1):
-                    if path.suffix == ".txt":
-                        yield line.rstrip("\n")
-                        continue
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        text = record["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise DataError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from None
-                    yield text
+            for line_no, line in enumerate(_decoded_lines(path, counts), 1):
+                if path.suffix == ".txt":
+                    yield line.rstrip("\n")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DataError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{line_no}: 'text' is {type(text).__name__}, expected a string")
+                yield text
 
-    count = 0
     for doc in documents():
-        doc = doc.replace("\x00", "").strip()
+        if "\x00" in doc:
+            counts["documents_with_nul"] += 1
+            doc = doc.replace("\x00", "")
+        doc = doc.strip()
         if not doc:
+            counts["skipped_empty_documents"] += 1
+            continue
+        if len(doc) > max_chars:
+            counts["skipped_overlong_documents"] += 1
             continue
         yield doc
-        count += 1
-        if max_documents is not None and count >= max_documents:
+        counts["documents"] += 1
+        if max_documents is not None and counts["documents"] >= max_documents:
             return
 
 
@@ -172,8 +208,15 @@ def prepare_shards(data: DataSection, vocab_path: Path, root: Path, min_shards: 
 
     out = root / "data" / data_fingerprint(data, vocab_path)
     if (out / READY).exists():
-        return out
-    docs = list(read_documents(data.corpus, data.max_documents))
+        problem = _shards_problem(out)
+        if problem is None:
+            return out
+        # Keep the damaged copy for inspection (nothing written is deleted) and build the shards again.
+        aside = out.with_name(f"{out.name}.damaged-{int(time.time())}")
+        out.rename(aside)
+        print(f"[suformer] data: {problem}; moved to {aside} and rebuilding", flush=True)
+    counts = Counter()
+    docs = list(read_documents(data.corpus, data.max_documents, data.max_document_chars, counts))
     if not docs:
         raise DataError(f"data.corpus: {data.corpus!r} holds no non-empty document")
     ctx = ray.data.DataContext.get_current()
@@ -193,9 +236,27 @@ def prepare_shards(data: DataSection, vocab_path: Path, root: Path, min_shards: 
     import pyarrow.parquet as pq
 
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in staging.glob("shard-*.parquet"))
-    (staging / READY).write_text(json.dumps({"documents": len(docs), "examples": rows, "shards": len(files)}))
+    shard_rows = {f.name: pq.ParquetFile(f).metadata.num_rows for f in sorted(staging.glob("shard-*.parquet"))}
+    (staging / READY).write_text(json.dumps({**counts, "documents": len(docs), "examples": rows,
+                                             "shards": len(files), "shard_rows": shard_rows}))
     staging.rename(out)
     return out
+
+
+def _shards_problem(directory: Path) -> Optional[str]:
+    """Why a finished shard directory cannot be trained on (a missing, unreadable or short shard), else None."""
+    ready = json.loads((directory / READY).read_text())
+    for name, rows in ready.get("shard_rows", {}).items():
+        path = directory / name
+        if not path.exists():
+            return f"{path} is missing"
+        try:
+            found = _check_parquet(path)
+        except DataError as error:
+            return str(error)
+        if found != rows:
+            return f"{path} has {found} rows, {rows} were written"
+    return None
 
 
 def shard_files(directory: Path) -> list[str]:

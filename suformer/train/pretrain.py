@@ -122,6 +122,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         raise DataError(f"data: {len(files)} shards cannot feed train.num_workers={cfg.train.num_workers}")
     print(f"[suformer] data: {stats['documents']} documents -> {stats['examples']} examples in "
           f"{stats['shards']} shards at {shards}", flush=True)
+    repaired = {k: v for k, v in stats.items() if k.startswith(("skipped", "invalid", "documents_with")) and v}
+    if repaired:
+        print(f"[suformer] data: skipped or repaired (also in MLflow as data/*): {repaired}", flush=True)
 
     uri = cfg.tracking_uri
     artifacts = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None  # a server decides itself
@@ -130,6 +133,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     tracking.log_params(uri, run_id, {k: v for k, v in {**cfg.flat(), "data.shards": str(shards),
                                                          "data.examples": stats["examples"]}.items()},
                         mutable=MUTABLE_PARAMS)
+    # Documents, examples and what the data stage skipped or repaired (empty, over-long, NUL, invalid UTF-8).
+    tracking.log_counts(uri, run_id, {k: v for k, v in stats.items() if isinstance(v, int)}, prefix="data/")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "deepspeed.json").write_text(json.dumps(deepspeed_config(cfg.train), indent=2))
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))

@@ -1,0 +1,92 @@
+"""Bad corpus input: each kind is either an error naming the file (and line) before work starts, or skipped /
+repaired and counted; damaged prepared shards are set aside and rebuilt, never trained on."""
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from suformer.config import DataSection
+from suformer.data.dataset import DataError, _shards_problem, prepare_shards, read_documents
+
+from test_config import pretrain_main
+
+
+def test_text_corpus_skips_and_counts_what_it_cannot_train_on(tmp_path):
+    corpus = tmp_path / "mixed.txt"
+    corpus.write_bytes(
+        "第一篇文章。\n".encode()
+        + b"\n   \n"                                       # two empty documents
+        + "含有\x00空字符的文章\n".encode()                  # NUL removed, document kept
+        + b"\xff\xfe broken bytes \xe4\xb8\n"            # not UTF-8: replacement characters, kept
+        + ("很长" * 40 + "\n").encode()                     # over the limit below: skipped
+        + "最后一篇。".encode()                              # no trailing newline
+    )
+    counts = Counter()
+    docs = list(read_documents(str(corpus), max_chars=50, counts=counts))
+    assert docs == ["第一篇文章。", "含有空字符的文章", "\ufffd\ufffd broken bytes \ufffd", "最后一篇。"]
+    assert counts == Counter(documents=4, skipped_empty_documents=2, documents_with_nul=1, invalid_utf8_lines=1,
+                             skipped_overlong_documents=1)
+
+
+def test_jsonl_text_that_is_not_a_string_names_the_line(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "好"}\n\n{"text": 42}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:3: 'text' is int, expected a string"):
+        list(read_documents(str(corpus)))
+
+
+def test_parquet_null_texts_count_as_empty(tmp_path):
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["甲", None, "", "乙"]}), corpus)
+    counts = Counter()
+    assert list(read_documents(str(corpus), counts=counts)) == ["甲", "乙"]
+    assert counts["skipped_empty_documents"] == 2
+
+
+def test_corrupt_parquet_corpus_exits_2_naming_the_file(tmp_path, capsys):
+    corpus = tmp_path / "broken.parquet"
+    pq.write_table(pa.table({"text": ["甲"] * 100}), corpus)
+    corpus.write_bytes(corpus.read_bytes()[:-20])  # truncated: footer gone
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{family: t5_pegasus}}\ndata: {{corpus: '{corpus}'}}\n")
+    assert pretrain_main()(["--config", str(config)]) == 2
+    assert f"{corpus}: not a readable Parquet file" in capsys.readouterr().err
+
+
+def _shard_dir(tmp_path, rows=(3, 2)):
+    directory = tmp_path / "shards"
+    directory.mkdir()
+    for i, n in enumerate(rows):
+        pq.write_table(pa.table({"input_ids": [[1, 2]] * n}), directory / f"shard-{i:05d}.parquet")
+    ready = {"documents": 5, "examples": sum(rows), "shards": len(rows),
+             "shard_rows": {f"shard-{i:05d}.parquet": n for i, n in enumerate(rows)}}
+    (directory / "_READY.json").write_text(json.dumps(ready))
+    return directory
+
+
+def test_shard_damage_is_named(tmp_path):
+    directory = _shard_dir(tmp_path)
+    assert _shards_problem(directory) is None
+    pq.write_table(pa.table({"input_ids": [[1, 2]] * 2}), directory / "shard-00000.parquet")
+    assert _shards_problem(directory) == f"{directory / 'shard-00000.parquet'} has 2 rows, 3 were written"
+    (directory / "shard-00001.parquet").write_bytes(b"garbage")
+    (directory / "shard-00000.parquet").unlink()
+    assert _shards_problem(directory) == f"{directory / 'shard-00000.parquet'} is missing"
+
+
+@pytest.mark.slow
+def test_damaged_shards_are_set_aside_and_rebuilt(ray_cluster, tmp_path, vocab_file):
+    data = DataSection(corpus="peoples_daily", max_documents=120, rows_per_shard=20, vocab_size=3000)
+    first = prepare_shards(data, vocab_file, tmp_path)
+    ready = json.loads((first / "_READY.json").read_text())
+    assert ready["documents"] == 120 and sum(ready["shard_rows"].values()) == ready["examples"]
+    victim = sorted(first.glob("shard-*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+
+    again = prepare_shards(data, vocab_file, tmp_path)
+    assert again == first and _shards_problem(again) is None
+    assert json.loads((again / "_READY.json").read_text())["shard_rows"] == ready["shard_rows"]  # same examples
+    (aside,) = first.parent.glob(f"{first.name}.damaged-*")
+    assert (aside / victim.name).stat().st_size == 100  # the damaged copy is kept, not deleted
