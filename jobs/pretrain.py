@@ -12,7 +12,7 @@ import os
 import sys
 
 from suformer.config import ConfigError, load_config
-from suformer.data.dataset import DataError, corpus_files
+from suformer.data.dataset import DataError, corpus_files, vocab_for_init
 
 
 def main(argv=None) -> int:
@@ -25,6 +25,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.data.corpus != "peoples_daily":
             corpus_files(cfg.data.corpus)
+        if cfg.model.init_from:
+            vocab_for_init(cfg.model.init_from, cfg.data.vocab)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

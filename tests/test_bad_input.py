@@ -90,3 +90,38 @@ def test_damaged_shards_are_set_aside_and_rebuilt(ray_cluster, tmp_path, vocab_f
     assert json.loads((again / "_READY.json").read_text())["shard_rows"] == ready["shard_rows"]  # same examples
     (aside,) = first.parent.glob(f"{first.name}.damaged-*")
     assert (aside / victim.name).stat().st_size == 100  # the damaged copy is kept, not deleted
+
+
+def _checkpoint_dir(path, vocab_tokens):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"family": "roformer_v2", "vocab_size": len(vocab_tokens)}))
+    (path / "vocab.txt").write_text("\n".join(vocab_tokens) + "\n")
+    return path
+
+
+def test_init_from_uses_its_own_vocab_and_rejects_any_other(tmp_path):
+    from suformer.data.dataset import vocab_for_init
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "甲", "乙"]
+    model = _checkpoint_dir(tmp_path / "model", tokens)
+    assert vocab_for_init(str(model), None) == model / "vocab.txt"
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(tokens[:-1]) + "\n")
+    with pytest.raises(DataError, match=r"other\.txt has 6 tokens, model\.init_from .* has vocab_size 7"):
+        vocab_for_init(str(model), str(other))
+    other.write_text("\n".join(tokens[:-1] + ["丙"]) + "\n")
+    with pytest.raises(DataError, match="same size, different tokens"):
+        vocab_for_init(str(model), str(other))
+    with pytest.raises(DataError, match="is not a save_pretrained directory"):
+        vocab_for_init(str(tmp_path), None)
+
+
+def test_init_from_vocab_mismatch_exits_2_before_anything_starts(tmp_path, capsys):
+    model = _checkpoint_dir(tmp_path / "model", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    other = tmp_path / "vocab.txt"
+    other.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n甲\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{family: roformer_v2, init_from: '{model}'}}\n"
+                      f"data: {{objective: mlm, vocab: '{other}'}}\n")
+    assert pretrain_main()(["--config", str(config)]) == 2
+    assert "has 6 tokens, model.init_from" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Optional
 import pyarrow as pa
 
 from ..config import DataSection
-from ..tokenizer import Tokenizer, build_vocab, write_vocab
+from ..tokenizer import Tokenizer, build_vocab, load_vocab, write_vocab
 from . import corpora
 from .mlm import unilm_example, whole_word_mask
 from .pegasus import chunk_units, pseudo_summary
@@ -182,8 +182,34 @@ def data_fingerprint(data: DataSection, vocab_path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_vocab(data: DataSection, root: Path) -> Path:
-    """The configured vocab, or one built from the corpus (words + chars for PEGASUS, chars for MLM/UniLM)."""
+def vocab_for_init(init_from: str, data_vocab: Optional[str]) -> Path:
+    """The vocab to train a `model.init_from` checkpoint with: its own vocab.txt unless `data.vocab` names one,
+    which must then be the same file. Token ids index the model's embedding, so any other vocab is an error."""
+    source = Path(init_from).expanduser()
+    try:
+        size = json.loads((source / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError):
+        raise DataError(f"model.init_from: {source} is not a save_pretrained directory "
+                        "(no readable config.json with vocab_size)") from None
+    own = source / "vocab.txt"
+    vocab = Path(data_vocab).expanduser() if data_vocab else own
+    if not vocab.is_file():
+        hint = "" if data_vocab else " (set data.vocab to the vocab the model was trained with)"
+        raise DataError(f"data.vocab: {vocab} not found{hint}")
+    tokens = len(load_vocab(vocab))
+    if tokens != size:
+        raise DataError(f"data.vocab: {vocab} has {tokens} tokens, model.init_from {source} has vocab_size {size}")
+    if own.is_file() and vocab != own and own.read_bytes() != vocab.read_bytes():
+        raise DataError(f"data.vocab: {vocab} is not the vocab model.init_from was trained with ({own}): "
+                        "same size, different tokens")
+    return vocab
+
+
+def ensure_vocab(data: DataSection, root: Path, init_from: Optional[str] = None) -> Path:
+    """The configured vocab (checked against `init_from`'s), or one built from the corpus (words + chars for
+    PEGASUS, chars for MLM/UniLM)."""
+    if init_from:
+        return vocab_for_init(init_from, data.vocab)
     if data.vocab:
         path = Path(data.vocab).expanduser()
         if not path.exists():

@@ -113,7 +113,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
             needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
             ray.init(num_cpus=int(max(os.cpu_count() or 1, needed)))
 
-    vocab = ensure_vocab(cfg.data, root)
+    vocab = ensure_vocab(cfg.data, root, cfg.model.init_from)
     tokenizer = Tokenizer(vocab, pre_tokenize="jieba" if cfg.model.family == "t5_pegasus" else None)
     shards = prepare_shards(cfg.data, vocab, root, min_shards=cfg.train.num_workers)
     files = shard_files(shards)
