@@ -257,13 +257,11 @@ def prepare_shards(data: DataSection, vocab_path: Path, root: Path, min_shards: 
     )
     ds.write_parquet(str(staging), min_rows_per_file=data.rows_per_shard, row_group_size=256)
     files = sorted(staging.glob("*.parquet"))
+    shard_rows = {}
     for i, f in enumerate(files):
-        f.rename(staging / f"shard-{i:05d}.parquet")
-    import pyarrow.parquet as pq
-
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in staging.glob("shard-*.parquet"))
-    shard_rows = {f.name: pq.ParquetFile(f).metadata.num_rows for f in sorted(staging.glob("shard-*.parquet"))}
-    (staging / READY).write_text(json.dumps({**counts, "documents": len(docs), "examples": rows,
+        shard = f.rename(staging / f"shard-{i:05d}.parquet")
+        shard_rows[shard.name] = _check_parquet(shard)
+    (staging / READY).write_text(json.dumps({**counts, "documents": len(docs), "examples": sum(shard_rows.values()),
                                              "shards": len(files), "shard_rows": shard_rows}))
     staging.rename(out)
     return out

@@ -20,7 +20,6 @@ What is computed in-kernel from small inputs, never as an [Lq, Lk] tensor:
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.layers import relative_position_bucket
+from ..models.attention import logn_factor
+from ..models.layers import relative_position_bucket, rotary_cos_sin
 
 LOG2E = 1.4426950408889634
 
@@ -368,6 +368,7 @@ class _Plan:
     seed: int
     block_m: int
     block_n: int
+    block_d: int  # head dim padded to a power of two (>= 16, tl.dot's minimum)
     num_warps: int
     num_stages: int
 
@@ -382,10 +383,10 @@ def _bucket_lut(bidirectional: bool, num_buckets: int, max_distance: int, device
 
 @functools.lru_cache(maxsize=16)
 def _rope_tables(positions: int, head_dim: int, base: float, device: torch.device):
-    """cos/sin [positions, head_dim/2] in fp32, computed in float64 (positions rounded up so the cache is reused)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq
-    return angles.cos().float().to(device).contiguous(), angles.sin().float().to(device).contiguous()
+    """cos/sin [positions, head_dim/2] (one per adjacent pair) in fp32, computed in float64; positions are rounded
+    up by the caller so the cache is reused."""
+    cos, sin = rotary_cos_sin(torch.arange(positions, device=device), head_dim, base, torch.float64)
+    return cos[:, ::2].float().contiguous(), sin[:, ::2].float().contiguous()
 
 
 def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -451,7 +452,6 @@ class _FlashAttention(torch.autograd.Function):
         Lk = k.shape[2]
         out = _new_like_heads(q)
         lse = _new((B, H, Lq), q, torch.float32)
-        block_d = max(16, triton.next_power_of_2(D))
         bias_lut = _bias_lut(plan)
         grid = (triton.cdiv(Lq, plan.block_m), B * H)
         _fwd_kernel[grid](
@@ -459,7 +459,7 @@ class _FlashAttention(torch.autograd.Function):
             sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
             svb=v.stride(0), svh=v.stride(1), svn=v.stride(2),
             sob=out.stride(0), soh=out.stride(1), som=out.stride(2),
-            H=H, Lq=Lq, Lk=Lk, head_dim=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=block_d,
+            H=H, Lq=Lq, Lk=Lk, head_dim=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         )
         ctx.save_for_backward(q, k, v, out, lse, table if table is not None else _dummy(q.device))
         ctx.plan = plan
@@ -472,7 +472,6 @@ class _FlashAttention(torch.autograd.Function):
         plan: _Plan = ctx.plan
         B, H, Lq, D = q.shape
         Lk = k.shape[2]
-        block_d = max(16, triton.next_power_of_2(D))
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         delta = (out.float() * grad_out.float()).sum(-1).contiguous()  # rowsum(O * dO) = rowsum(P * dP)
         dq, dk, dv = _new_like_heads(q), _new_like_heads(k), _new_like_heads(v)
@@ -481,7 +480,7 @@ class _FlashAttention(torch.autograd.Function):
             sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
             svb=v.stride(0), svh=v.stride(1), svn=v.stride(2),
             sdob=grad_out.stride(0), sdoh=grad_out.stride(1), sdom=grad_out.stride(2),
-            H=H, Lq=Lq, Lk=Lk, head_dim=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=block_d,
+            H=H, Lq=Lq, Lk=Lk, head_dim=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         )
         key_blocks = triton.cdiv(Lk, plan.block_n)
         num_buckets = plan.bias.table.shape[0] if plan.bias is not None else 1
@@ -566,8 +565,7 @@ def flash_attention(
 
     row_scale = torch.full((B,), scale * LOG2E, dtype=torch.float32, device=device)
     if logn_base is not None:
-        real_keys = key_padding.sum(dim=1).clamp(min=1) if key_padding is not None else torch.full((B,), Lk, device=device)
-        row_scale = row_scale * (real_keys.double().log() / math.log(logn_base)).float()
+        row_scale = row_scale * logn_factor(key_padding, B, Lk, logn_base, device).float()
 
     rope = None
     if rotary_base is not None:
@@ -587,6 +585,7 @@ def flash_attention(
         scale=row_scale, bias=bias, bucket_lut=bucket_lut, rope=rope, key_mask=key_mask, key_end=key_end,
         key_limit=key_limit, causal=causal, window=window, query_offset=query_offset, dropout_p=float(dropout_p),
         seed=_dropout_seed(dropout_seed) if dropout_p > 0 else 0,
-        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        block_m=block_m, block_n=block_n, block_d=max(16, triton.next_power_of_2(D)), num_warps=num_warps,
+        num_stages=num_stages,
     )
     return _FlashAttention.apply(q, k, v, bias.table if bias is not None else None, plan)

@@ -10,6 +10,7 @@ Shapes: q [B, H, Lq, D], k and v [B, H, Lk, D]. Query i sits at absolute positio
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -153,11 +154,16 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # a path search: once, not per attention call
+
+
 def _backend(name: str, q: torch.Tensor) -> Backend:
     """Look a backend up; "auto" is the Triton kernels on CUDA (when triton is installed), SDPA elsewhere. The
     kernels module registers itself on first use, so importing the models never imports triton."""
     if name == "auto":
-        name = "triton" if q.is_cuda and importlib.util.find_spec("triton") is not None else "sdpa"
+        name = "triton" if q.is_cuda and _triton_installed() else "sdpa"
     if name not in _BACKENDS and name.startswith("triton"):
         importlib.import_module("suformer.kernels")
     try:
@@ -190,10 +196,10 @@ def attention(
               logn_base=logn_base)
 
 
-def logn_factor(mask: Optional[AttentionMask], batch: int, key_len: int, logn_base: int, device) -> torch.Tensor:
+def logn_factor(key_padding: Optional[torch.Tensor], batch: int, key_len: int, logn_base: int, device) -> torch.Tensor:
     """[B] multiplier log(n)/log(base) of entropy-invariant attention, n = real keys per sequence."""
-    if mask is not None and mask.key_padding is not None:
-        real_keys = mask.key_padding.sum(dim=1).clamp(min=1).double()
+    if key_padding is not None:
+        real_keys = key_padding.sum(dim=1).clamp(min=1).double()
     else:
         real_keys = torch.full((batch,), float(key_len), dtype=torch.float64, device=device)
     return real_keys.log() / math.log(logn_base)
@@ -212,7 +218,8 @@ def _scaled_queries(q, mask, logn_base, key_len):
     """q times its per-sequence log-n factor (scores scale linearly in q)."""
     if logn_base is None:
         return q
-    return q * logn_factor(mask, q.shape[0], key_len, logn_base, q.device).to(q.dtype)[:, None, None, None]
+    key_padding = mask.key_padding if mask is not None else None
+    return q * logn_factor(key_padding, q.shape[0], key_len, logn_base, q.device).to(q.dtype)[:, None, None, None]
 
 
 def _reference(q, k, v, *, position, mask, scale, dropout_p, query_offset, logn_base):

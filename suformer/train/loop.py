@@ -106,18 +106,55 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
+def _checkpoint_name(checkpoint) -> str:
+    return checkpoint.path.rstrip("/").rsplit("/", 1)[1]
+
+
 def _resume_candidates(checkpoint):
     """The latest checkpoint, then older ones of the same run (newest first), as Ray Checkpoints."""
     import pyarrow.fs
     import ray.train
 
     yield checkpoint
-    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
     siblings = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
     older = sorted((i.path for i in siblings if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("step-") and i.base_name < name), reverse=True)
+                    and i.base_name.startswith("step-") and i.base_name < _checkpoint_name(checkpoint)),
+                   reverse=True)
     for path in older:
         yield ray.train.Checkpoint(path, filesystem=checkpoint.filesystem)
+
+
+def _restore(engine, directory: Path, rank: int, world: int) -> tuple[int, StreamPosition]:
+    """Load a complete checkpoint into the engine and this rank's RNGs; returns (step, data position)."""
+    engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    state = json.loads((directory / "train_state.json").read_text())
+    if state["world_size"] != world:
+        raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has {world}: "
+                           "a ZeRO checkpoint resumes at the same world size")
+    _set_rng_state(torch.load(directory / f"rng_rank{rank}.pt", weights_only=False))
+    position = StreamPosition(**json.loads((directory / f"position_rank{rank}.json").read_text()))
+    return state["step"], position
+
+
+def _resume(engine, latest, rank: int, world: int) -> tuple[int, StreamPosition, dict]:
+    """Restore the newest complete checkpoint, skipping damaged ones; returns (step, position, MLflow tags)."""
+    skipped = []
+    for candidate in _resume_candidates(latest):
+        with candidate.as_directory() as d:  # one download per candidate on remote storage
+            problem = checkpoint_problem(Path(d))
+            if problem is None:
+                step, position = _restore(engine, Path(d), rank, world)
+                break
+        skipped.append(f"{_checkpoint_name(candidate)} ({problem})")
+    else:
+        raise RuntimeError(f"no complete checkpoint to resume from: {'; '.join(skipped)}")
+    tags = {"suformer.resumed_from": _checkpoint_name(candidate)}
+    if skipped:
+        tags["suformer.skipped_checkpoints"] = "; ".join(skipped)
+        if rank == 0:
+            _say(f"skipping incomplete checkpoints, newest first: {tags['suformer.skipped_checkpoints']}")
+    return step, position, tags
 
 
 def _say(line: str) -> None:
@@ -154,36 +191,14 @@ def train_loop_per_worker(config: dict) -> None:
     device = engine.device
     step, position = 0, StreamPosition()
     checkpoint = ray.train.get_checkpoint()
+    resumed_from = {}
     if checkpoint:
-        skipped = []
-        for candidate in _resume_candidates(checkpoint):
-            with candidate.as_directory() as d:
-                problem = checkpoint_problem(Path(d))
-            if problem is None:
-                checkpoint = candidate
-                break
-            skipped.append(f"{candidate.path.rstrip('/').rsplit('/', 1)[1]} ({problem})")
-        else:
-            raise RuntimeError(f"no complete checkpoint to resume from: {'; '.join(skipped)}")
-        if skipped and rank == 0:
-            _say(f"skipping incomplete checkpoints, newest first: {'; '.join(skipped)}")
-        resumed_from = {"suformer.resumed_from": checkpoint.path.rstrip("/").rsplit("/", 1)[1]}
-        if skipped:
-            resumed_from["suformer.skipped_checkpoints"] = "; ".join(skipped)
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
-            state = json.loads((Path(d) / "train_state.json").read_text())
-            if state["world_size"] != world:
-                raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has {world}: "
-                                   "a ZeRO checkpoint resumes at the same world size")
-            mine = json.loads((Path(d) / f"position_rank{rank}.json").read_text())
-            _set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
-        step, position = state["step"], StreamPosition(**mine)
+        step, position, resumed_from = _resume(engine, checkpoint, rank, world)
         if rank == 0:
             _say(f"resumed from checkpoint at step {step}")
 
     logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    if logger and checkpoint:  # where this attempt started, visible in the MLflow UI
+    if logger:  # where this attempt started, visible in the MLflow UI
         for key, value in resumed_from.items():
             logger.client.set_tag(logger.run_id, key, value)
     stream = micro_batches(ray.train.get_dataset_shard("train"), cfg.data.objective, t.micro_batch_size,

@@ -38,10 +38,7 @@ class OrderedShards(DataConfig):
         self.files = files
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        if len(self.files) < world_size:
-            raise ValueError(f"{len(self.files)} data shards cannot feed {world_size} workers; "
-                             "lower data.rows_per_shard or train.num_workers")
-        splits = []
+        splits = []  # run_pretraining has checked that there are at least world_size files
         for rank in range(world_size):
             ds = ray.data.read_parquet(self.files[rank::world_size], shuffle=None)
             ds.context.execution_options = ExecutionOptions(preserve_order=True)
@@ -119,7 +116,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     files = shard_files(shards)
     stats = json.loads((shards / READY).read_text())
     if len(files) < cfg.train.num_workers:
-        raise DataError(f"data: {len(files)} shards cannot feed train.num_workers={cfg.train.num_workers}")
+        raise DataError(f"data: {len(files)} shards cannot feed train.num_workers={cfg.train.num_workers}; "
+                        "lower data.rows_per_shard or train.num_workers")
     print(f"[suformer] data: {stats['documents']} documents -> {stats['examples']} examples in "
           f"{stats['shards']} shards at {shards}", flush=True)
     repaired = {k: v for k, v in stats.items() if k.startswith(("skipped", "invalid", "documents_with")) and v}
