@@ -125,3 +125,14 @@ def test_init_from_vocab_mismatch_exits_2_before_anything_starts(tmp_path, capsy
                       f"data: {{objective: mlm, vocab: '{other}'}}\n")
     assert pretrain_main()(["--config", str(config)]) == 2
     assert "has 6 tokens, model.init_from" in capsys.readouterr().err
+
+
+def test_vocab_is_built_without_the_documents_training_skips(tmp_path):
+    from suformer.data.dataset import ensure_vocab
+    from suformer.tokenizer import load_vocab
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("今天天气很好。\n" * 5 + "龘" * 80 + "\n")
+    data = DataSection(corpus=str(corpus), vocab_size=200, max_document_chars=50, objective="mlm")
+    vocab = load_vocab(ensure_vocab(data, tmp_path))
+    assert "天" in vocab and "龘" not in vocab

@@ -218,7 +218,7 @@ def ensure_vocab(data: DataSection, root: Path, init_from: Optional[str] = None)
     key = hashlib.sha256(f"{data.corpus}|{data.max_documents}|{data.vocab_size}|{data.objective}".encode())
     path = root / "vocab" / key.hexdigest()[:16] / "vocab.txt"
     if not path.exists():
-        docs = list(read_documents(data.corpus, min(data.max_documents or 20000, 20000)))
+        docs = list(read_documents(data.corpus, min(data.max_documents or 20000, 20000), data.max_document_chars))
         if not docs:
             raise DataError(f"data.corpus: {data.corpus!r} holds no non-empty document")
         path.parent.mkdir(parents=True, exist_ok=True)
