@@ -33,13 +33,16 @@ def main(argv=None) -> int:
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # the local instance this starts uses token auth too
-    from suformer.train.pretrain import run_pretraining
+    from suformer.train.pretrain import TrainingStopped, run_pretraining
 
     try:
         result = run_pretraining(cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"\n[suformer] done. Exported model: {result['model_dir']}")
     print(f"[suformer] MLflow run {result['run_id']} in experiment {result['experiment']!r}. Browse it with:")
     print(f"    mlflow ui --backend-store-uri {result['tracking_uri']}")

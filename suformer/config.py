@@ -80,6 +80,11 @@ class TrainSection(_Strict):
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)
+    # A NaN/inf loss on any rank: "skip" drops that micro-batch on every rank (no update, counted as
+    # train/nonfinite_skipped) and stops once more than max_nonfinite_skips were dropped; "stop" stops at the first.
+    # Stopping writes no checkpoint, so the latest one is the last good state.
+    nonfinite_loss: Literal["skip", "stop"] = "skip"
+    max_nonfinite_skips: int = Field(20, ge=0)
     seed: int = 0
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1)

@@ -103,5 +103,13 @@ def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> N
     _client(tracking_uri).log_text(run_id, text, artifact_file)
 
 
+def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
+    return _client(tracking_uri).get_run(run_id).data.tags
+
+
+def delete_tag(tracking_uri: str, run_id: str, key: str) -> None:
+    _client(tracking_uri).delete_tag(run_id, key)
+
+
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(tracking_uri).set_terminated(run_id, status=status)

@@ -1,6 +1,7 @@
 """Pretraining on a real local Ray cluster: DeepSpeed ZeRO 0-3 workers, `ray job submit`, worker failure."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,3 +229,77 @@ def test_checkpoint_problem_names_the_damage(tmp_path):
     assert checkpoint_problem(tmp_path) == "state/shard.pt has 60 bytes, 100 were written"
     (tmp_path / "state" / "shard.pt").unlink()
     assert checkpoint_problem(tmp_path) == "state/shard.pt is missing"
+
+
+def _model_with_a_damaged_token(zero_runs, out_dir):
+    """The stage-0 run's exported model with one token's embedding row set to inf, as in a damaged checkpoint:
+    every micro-batch holding that token has a NaN loss, the others train normally. The token is one that the
+    first micro-batch of neither worker holds, and about one example in twenty does."""
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    cfg, result = zero_runs[0]
+    run = MlflowClient(cfg.tracking_uri).get_run(result["run_id"])
+    files = sorted(Path(run.data.params["data.shards"]).glob("*.parquet"))
+    rows = [set(r["input_ids"]) | set(r["target_ids"]) for f in files for r in pq.read_table(f).to_pylist()]
+    first_batches = set().union(*(set(r["input_ids"]) | set(r["target_ids"])
+                                  for f in files[:2] for r in pq.read_table(f).slice(0, 4).to_pylist()))
+    frequency = {}
+    for tokens in rows:
+        for t in tokens:
+            frequency[t] = frequency.get(t, 0) + 1
+    token = min((t for t in frequency if t not in first_batches and t > 105),
+                key=lambda t: abs(frequency[t] / len(rows) - 0.05))
+    model = from_pretrained(result["model_dir"])
+    with torch.no_grad():
+        model.shared.weight[token] = float("inf")
+    model.save_pretrained(out_dir)
+    (Path(out_dir) / "vocab.txt").write_bytes((Path(result["model_dir"]) / "vocab.txt").read_bytes())
+    return out_dir
+
+
+def _nonfinite_entries(state_dict):
+    return sum(int((~torch.isfinite(v)).sum()) for v in state_dict.values())
+
+
+@pytest.fixture(scope="module")
+def damaged_model(zero_runs, tmp_path_factory):
+    return _model_with_a_damaged_token(zero_runs, tmp_path_factory.mktemp("damaged_model"))
+
+
+def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from suformer.train.pretrain import run_pretraining
+
+    cfg = load_config(CONFIG, small(tmp_path, "skip-nan", max_steps=6, checkpoint_every=3, max_failures=0,
+                                    nonfinite_loss="skip", zero_stage=3) + [f"model.init_from={damaged_model}"])
+    result = run_pretraining(cfg)
+    run, history = loss_history(cfg)
+    assert run.info.status == "FINISHED" and [s for s, _ in history] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in history)
+    skipped = MlflowClient(cfg.tracking_uri).get_metric_history(run.info.run_id, "train/nonfinite_skipped")
+    assert max(m.value for m in skipped) > 0, "the damaged token never came up: no skip was exercised"
+    state = json.loads((Path(result["checkpoint"]) / "train_state.json").read_text())
+    assert state["nonfinite_skipped"] == max(m.value for m in skipped)
+    exported = from_pretrained(result["model_dir"]).state_dict()
+    assert _nonfinite_entries(exported) == exported["shared.weight"].shape[1], "a skipped NaN reached the weights"
+
+
+def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damaged_model, tmp_path):
+    from suformer.train.pretrain import TrainingStopped, run_pretraining
+
+    cfg = load_config(CONFIG, small(tmp_path, "stop-nan", max_steps=20, checkpoint_every=1, max_failures=0,
+                                    nonfinite_loss="stop") + [f"model.init_from={damaged_model}"])
+    with pytest.raises(TrainingStopped, match=r"non-finite loss at step (\d+)") as stop:
+        run_pretraining(cfg)
+    stopped_at = int(re.search(r"non-finite loss at step (\d+)", str(stop.value)).group(1))
+    run, history = loss_history(cfg)
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["suformer.stopped"]
+    assert [s for s, _ in history] == list(range(1, stopped_at))
+    checkpoints = sorted((Path(cfg.run.root) / "checkpoints" / "stop-nan").glob("step-*"))
+    assert checkpoints[-1].name == f"step-{stopped_at - 1:08d}" and str(checkpoints[-1]) in str(stop.value)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1]), tag="state")
+    assert _nonfinite_entries(state) == state["shared.weight"].shape[1]  # only the damaged row

@@ -27,6 +27,7 @@ from .batches import StreamPosition, micro_batches
 from .deepspeed_config import deepspeed_config
 
 CHECKPOINT_TAG = "state"
+STOPPED_TAG = "suformer.stopped"  # MLflow tag: why the workers stopped the run on purpose
 # Dense bf16 tensor-core peak (FLOP/s) by device name, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -125,8 +126,8 @@ def _resume_candidates(checkpoint):
         yield ray.train.Checkpoint(path, filesystem=checkpoint.filesystem)
 
 
-def _restore(engine, directory: Path, rank: int, world: int) -> tuple[int, StreamPosition]:
-    """Load a complete checkpoint into the engine and this rank's RNGs; returns (step, data position)."""
+def _restore(engine, directory: Path, rank: int, world: int) -> tuple[dict, StreamPosition]:
+    """Load a complete checkpoint into the engine and this rank's RNGs; returns (train state, data position)."""
     engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
     state = json.loads((directory / "train_state.json").read_text())
     if state["world_size"] != world:
@@ -134,17 +135,17 @@ def _restore(engine, directory: Path, rank: int, world: int) -> tuple[int, Strea
                            "a ZeRO checkpoint resumes at the same world size")
     _set_rng_state(torch.load(directory / f"rng_rank{rank}.pt", weights_only=False))
     position = StreamPosition(**json.loads((directory / f"position_rank{rank}.json").read_text()))
-    return state["step"], position
+    return state, position
 
 
-def _resume(engine, latest, rank: int, world: int) -> tuple[int, StreamPosition, dict]:
-    """Restore the newest complete checkpoint, skipping damaged ones; returns (step, position, MLflow tags)."""
+def _resume(engine, latest, rank: int, world: int) -> tuple[dict, StreamPosition, dict]:
+    """Restore the newest complete checkpoint, skipping damaged ones; returns (train state, position, MLflow tags)."""
     skipped = []
     for candidate in _resume_candidates(latest):
         with candidate.as_directory() as d:  # one download per candidate on remote storage
             problem = checkpoint_problem(Path(d))
             if problem is None:
-                step, position = _restore(engine, Path(d), rank, world)
+                state, position = _restore(engine, Path(d), rank, world)
                 break
         skipped.append(f"{_checkpoint_name(candidate)} ({problem})")
     else:
@@ -154,7 +155,15 @@ def _resume(engine, latest, rank: int, world: int) -> tuple[int, StreamPosition,
         tags["suformer.skipped_checkpoints"] = "; ".join(skipped)
         if rank == 0:
             _say(f"skipping incomplete checkpoints, newest first: {tags['suformer.skipped_checkpoints']}")
-    return step, position, tags
+    return state, position, tags
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether every rank's loss is finite. All ranks must agree to skip a micro-batch together: a rank that
+    went on to backward() alone would wait forever in its gradient all-reduce."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    dist.all_reduce(bad)
+    return bad.item() == 0
 
 
 def _say(line: str) -> None:
@@ -189,11 +198,12 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(t))
     device = engine.device
-    step, position = 0, StreamPosition()
+    step, position, nonfinite_skipped = 0, StreamPosition(), 0
     checkpoint = ray.train.get_checkpoint()
     resumed_from = {}
     if checkpoint:
-        step, position, resumed_from = _resume(engine, checkpoint, rank, world)
+        state, position, resumed_from = _resume(engine, checkpoint, rank, world)
+        step, nonfinite_skipped = state["step"], state.get("nonfinite_skipped", 0)
         if rank == 0:
             _say(f"resumed from checkpoint at step {step}")
 
@@ -210,14 +220,28 @@ def train_loop_per_worker(config: dict) -> None:
     window = torch.zeros(4, dtype=torch.float64, device=device)
     window_start, window_steps, grad_norm, data_wait = time.perf_counter(), 0, float("nan"), 0.0
 
+    stopped = None
     while step < t.max_steps:
         engine.train()
-        for _ in range(t.grad_accum):
+        micro = 0
+        while micro < t.grad_accum:
             waited = time.perf_counter()
             batch, position = next(stream)
             data_wait += time.perf_counter() - waited
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = engine(**batch)
+            if not _finite_on_every_rank(out.loss):
+                # Skipped before backward(), so no NaN reaches gradients, optimizer state or a checkpoint.
+                nonfinite_skipped += 1
+                if t.nonfinite_loss == "stop" or nonfinite_skipped > t.max_nonfinite_skips:
+                    stopped = (f"non-finite loss at step {step + 1} ({nonfinite_skipped} so far, "
+                               f"train.nonfinite_loss={t.nonfinite_loss}, max_nonfinite_skips={t.max_nonfinite_skips})")
+                    break
+                if rank == 0:
+                    _say(f"step {step + 1}: non-finite loss, micro-batch skipped on every rank "
+                         f"({nonfinite_skipped}/{t.max_nonfinite_skips} allowed)")
+                continue
+            micro += 1
             engine.backward(out.loss)
             if t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
                 # DeepSpeed reports no global norm without ZeRO; measure it before step() clips.
@@ -233,6 +257,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if "decoder_input_ids" in batch:
                     inputs = inputs + (batch["decoder_input_ids"] != 0).sum()
                 window += torch.stack([out.loss.detach() * n, correct, n, inputs]).double()
+        if stopped:
+            break
         step += 1
         window_steps += 1
         if t.zero_stage > 0:
@@ -249,6 +275,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm,
                 "train/tokens_per_s": inputs / elapsed, "train/step_time_s": elapsed / window_steps,
                 "train/data_wait_s": data_wait / window_steps,  # rank 0's time blocked on input per step
+                "train/nonfinite_skipped": nonfinite_skipped,  # micro-batches dropped for a NaN/inf loss, so far
             }
             if peak:
                 metrics["train/mfu"] = flops_per_token * inputs / elapsed / (peak * world)
@@ -269,9 +296,13 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
                 if rank == 0:
                     (Path(tmp) / "train_state.json").write_text(json.dumps(
-                        {"step": step, "run_id": config["run_id"], "world_size": world}))
+                        {"step": step, "run_id": config["run_id"], "world_size": world,
+                         "nonfinite_skipped": nonfinite_skipped}))
                 _write_manifest(Path(tmp), rank)
                 ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{step:08d}")
     if logger:
+        if stopped:  # the driver reads this tag after fit(); no checkpoint is written, the latest is the last good one
+            _say(f"stopping: {stopped}; the latest checkpoint is the last good state")
+            logger.client.set_tag(logger.run_id, STOPPED_TAG, stopped)
         logger.close()

@@ -20,10 +20,17 @@ from ..config import PretrainConfig
 from ..data.dataset import READY, DataError, ensure_vocab, prepare_shards, shard_files
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config
-from .loop import CHECKPOINT_TAG, build, train_loop_per_worker
+from .loop import CHECKPOINT_TAG, STOPPED_TAG, build, train_loop_per_worker
 
+# Settings a resubmitted run may change: they do not alter what was trained so far. (The NaN policy among them:
+# a run stopped by a non-finite loss can be resubmitted with train.nonfinite_loss=skip to get past it.)
 MUTABLE_PARAMS = {"train.max_steps", "train.max_failures", "train.log_every", "train.checkpoint_every",
-                  "train.keep_checkpoints", "train.samples_to_log", "run.root", "run.tracking_uri"}
+                  "train.keep_checkpoints", "train.samples_to_log", "train.nonfinite_loss",
+                  "train.max_nonfinite_skips", "run.root", "run.tracking_uri"}
+
+
+class TrainingStopped(RuntimeError):
+    """The workers stopped the run on purpose (a non-finite loss); the latest checkpoint is the last good state."""
 
 
 class OrderedShards(DataConfig):
@@ -139,6 +146,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         tokenizer.save_pretrained(tmp)
         tracking.log_artifacts(uri, run_id, tmp, "setup")
     print(f"[suformer] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}", flush=True)
+    if tracking.run_tags(uri, run_id).get(STOPPED_TAG):
+        tracking.delete_tag(uri, run_id, STOPPED_TAG)  # this attempt will set it again if it stops too
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -159,6 +168,12 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise
+    stopped = tracking.run_tags(uri, run_id).get(STOPPED_TAG)
+    if stopped:
+        tracking.finish_run(uri, run_id, "FAILED")
+        latest = result.checkpoint.path if result.checkpoint else "none yet"
+        raise TrainingStopped(f"training stopped: {stopped}. Last good checkpoint: {latest}. Resubmitting the same "
+                              "run.name resumes from it (--set train.nonfinite_loss=skip to skip the bad batches)")
     model_dir = _export(result.checkpoint, cfg, len(tokenizer), run_dir / "model")
     tokenizer.save_pretrained(model_dir)
     tracking.log_artifacts(uri, run_id, str(model_dir), "model")
