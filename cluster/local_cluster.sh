@@ -6,6 +6,8 @@
 #   eval "$(cluster/local_cluster.sh env)"      # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, RAY_AUTH_MODE, token path
 #   ray job submit --working-dir . -- python jobs/pretrain.py
 #   cluster/local_cluster.sh status | stop
+#   cluster/local_cluster.sh add-node [--cpus C]    # one more worker node (as an autoscaler would add)
+#   cluster/local_cluster.sh remove-node N          # kill worker node N at once, as a lost machine (fault drills)
 #
 # The auth token is generated once into $SUFORMER_CLUSTER_DIR/auth_token (mode 600; default ~/.suformer/cluster)
 # and handed to every node through RAY_AUTH_TOKEN_PATH, never on a command line. Credentials the jobs need (for
@@ -17,7 +19,7 @@ STATE_DIR="${SUFORMER_CLUSTER_DIR:-$HOME/.suformer/cluster}"
 TOKEN_FILE="$STATE_DIR/auth_token"
 RAY="${RAY:-ray}"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 ensure_token() {
   mkdir -p "$STATE_DIR"
@@ -50,18 +52,9 @@ start() {
   "$RAY" start --head --node-ip-address=127.0.0.1 --port="$port" --num-cpus="$cpus" \
     --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --include-dashboard=true \
     --disable-usage-stats > "$STATE_DIR/head.log" 2>&1 || { cat "$STATE_DIR/head.log" >&2; exit 1; }
-  for ((i = 1; i <= workers; i++)); do
-    # Each node gets its own temp dir, as separate machines would: nodes sharing one would unpack a job's
-    # working directory into the same path and pull it from under each other's running processes. (Short
-    # paths: Ray's unix sockets live there.)
-    local node_tmp="${TMPDIR:-/tmp}/suformer-ray-$port-node$i"
-    echo "$node_tmp" >> "$STATE_DIR/node_dirs"
-    echo "starting worker node $i ($cpus CPUs)"
-    "$RAY" start --address="127.0.0.1:$port" --node-ip-address=127.0.0.1 --num-cpus="$cpus" \
-      --temp-dir="$node_tmp" --disable-usage-stats > "$STATE_DIR/worker_$i.log" 2>&1 \
-      || { cat "$STATE_DIR/worker_$i.log" >&2; exit 1; }
-  done
   printf '%s\n' "$port" "$dashboard_port" > "$STATE_DIR/ports"
+  rm -f "$STATE_DIR/node_dirs"
+  for ((i = 1; i <= workers; i++)); do start_worker_node "$port" "$cpus"; done
   # The job API answers before the head's job agent is registered ("No available agent"): wait for a no-op job.
   local tries=0
   until "$RAY" job submit --address "http://127.0.0.1:$dashboard_port" -- python -c "pass" \
@@ -70,6 +63,47 @@ start() {
     sleep 2
   done
   echo "cluster up: $((workers + 1)) nodes, accepting jobs. Next: eval \"\$($0 env)\""
+}
+
+start_worker_node() {  # port, cpus
+  local i=1
+  [[ -f "$STATE_DIR/node_dirs" ]] && i=$(( $(wc -l < "$STATE_DIR/node_dirs") + 1 ))
+  # Each node gets its own temp dir, as separate machines would: nodes sharing one would unpack a job's working
+  # directory into the same path and pull it from under each other's running processes. (Short paths: Ray's
+  # unix sockets live there.)
+  local node_tmp="${TMPDIR:-/tmp}/suformer-ray-$1-node$i"
+  echo "$node_tmp" >> "$STATE_DIR/node_dirs"
+  echo "starting worker node $i ($2 CPUs)"
+  "$RAY" start --address="127.0.0.1:$1" --node-ip-address=127.0.0.1 --num-cpus="$2" \
+    --temp-dir="$node_tmp" --disable-usage-stats > "$STATE_DIR/worker_$i.log" 2>&1 \
+    || { cat "$STATE_DIR/worker_$i.log" >&2; exit 1; }
+}
+
+add_node() {
+  local cpus=2
+  case "${1:-}" in --cpus) cpus="$2" ;; "") ;; *) echo "local_cluster.sh: unknown option '$1'" >&2; usage 2 ;; esac
+  [[ -f "$STATE_DIR/ports" ]] || { echo "no local cluster started from $STATE_DIR" >&2; exit 1; }
+  auth_env
+  start_worker_node "$(head -1 "$STATE_DIR/ports")" "$cpus"
+}
+
+remove_node() {
+  local node_tmp
+  node_tmp=$(sed -n "${1:?remove-node needs a worker node number}p" "$STATE_DIR/node_dirs" 2>/dev/null)
+  [[ -n "$node_tmp" ]] || { echo "no worker node $1 in $STATE_DIR/node_dirs" >&2; exit 1; }
+  # The node's daemons (raylet, agents, log monitor) name its temp dir on their command lines; its workers are
+  # the raylet's children and rename themselves (ray::...), so they are found by parentage.
+  local pids
+  pids=$(pgrep -f -- "$node_tmp/") || { echo "worker node $1 has no running process" >&2; exit 1; }
+  kill -KILL $pids $(descendants $pids) 2>/dev/null || true
+  echo "killed worker node $1 ($node_tmp)"
+}
+
+descendants() {
+  local pid child
+  for pid in "$@"; do
+    for child in $(pgrep -P "$pid"); do echo "$child"; descendants "$child"; done
+  done
 }
 
 print_env() {
@@ -88,6 +122,8 @@ case "${1:-}" in
     "$RAY" stop --force
     if [[ -f "$STATE_DIR/node_dirs" ]]; then xargs rm -rf < "$STATE_DIR/node_dirs"; fi
     rm -f "$STATE_DIR/ports" "$STATE_DIR/node_dirs" ;;
+  add-node) shift; add_node "$@" ;;
+  remove-node) shift; remove_node "$@" ;;
   status) auth_env; eval "$(print_env)"; "$RAY" status --address "$RAY_ADDRESS" ;;
   env) print_env ;;
   -h|--help|"") usage ;;

@@ -65,6 +65,9 @@ class TrainSection(_Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Ray placement of the workers: PACK fills a node first; SPREAD puts them on different nodes where it can, and
+    # a restart after a lost node packs them onto what is left.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False

@@ -134,6 +134,7 @@ def ray_cluster(mlflow_server):
     subprocess.run([str(script), "start", "--workers", "1", "--cpus-per-node", "3", "--port", str(port),
                     "--dashboard-port", str(dashboard_port)], env=env, check=True, capture_output=True)
     token_file = state / "auth_token"
+    node_env = dict(env)  # for nodes a test adds later
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(key)  # the nodes have them; the test's own commands do not need them
     import ray
@@ -145,7 +146,7 @@ def ray_cluster(mlflow_server):
         time.sleep(0.5)
     try:
         yield SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard_port}", env=env,
-                              token=token_file.read_text().strip())
+                              token=token_file.read_text().strip(), script=script, node_env=node_env)
     finally:
         ray.shutdown()
         subprocess.run([str(script), "stop"], env=env, capture_output=True)

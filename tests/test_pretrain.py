@@ -74,24 +74,59 @@ def test_exported_weights_equal_across_zero_stages(zero_runs):
             assert torch.allclose(value, other[key], atol=1e-5), key
 
 
-def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
-    """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster."""
+def _ray_cli(ray_cluster, *args, timeout=600):
+    ray = str(Path(sys.executable).parent / "ray")
+    return subprocess.run([ray, "job", *args], env=ray_cluster.env, capture_output=True, text=True, timeout=timeout)
+
+
+def _wait_for_step(cfg, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            _, history = loss_history(cfg)
+        except (AssertionError, AttributeError):  # no experiment or run yet
+            history = []
+        if history and history[-1][0] >= step:
+            return history[-1][0]
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} of {cfg.run.name} was never logged")
+
+
+def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, tmp_path):
+    """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster. The first
+    submission's driver is SIGKILLed mid-run (its Train controller and workers die with it); submitting the same
+    command again resumes from the last checkpoint into the same MLflow run and finishes it."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     sets = small(tmp_path, "e2e", max_steps=30, checkpoint_every=10, log_every=5, lr=3e-3, warmup_steps=3)
     entry = [sys.executable.replace(" ", "\\ "), "jobs/pretrain.py", "--config", "jobs/configs/t5_pegasus_tiny_cpu.yaml"]
     for s in sets:
         entry += ["--set", s]
-    ray = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.run(
-        [ray, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO), "--", *entry],
-        env=ray_cluster.env, capture_output=True, text=True, timeout=600,
-    )
+    submit = ["submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO)]
+    cfg = load_config(CONFIG, sets)
+
+    first = _ray_cli(ray_cluster, *submit, "--no-wait", "--", *entry)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", first.stdout).group(0)
+    jobs = JobSubmissionClient(ray_cluster.dashboard)
+    _wait_for_step(cfg, 15)
+    os.kill(int(jobs.get_job_info(job_id).driver_info.pid), signal.SIGKILL)
+    deadline = time.time() + 60
+    while not jobs.get_job_status(job_id).is_terminal() and time.time() < deadline:
+        time.sleep(0.5)
+    assert jobs.get_job_status(job_id) == JobStatus.FAILED
+    assert loss_history(cfg)[0].info.status == "RUNNING"  # nobody closed the run: the driver died
+
+    proc = _ray_cli(ray_cluster, *submit, "--", *entry)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     assert "[suformer] step 30/30" in proc.stdout and "ETA" in proc.stdout
+    assert re.search(r"resumed from checkpoint at step (10|20)\b", proc.stdout), proc.stdout[-3000:]
 
-    cfg = load_config(CONFIG, sets)
-    run, history = loss_history(cfg)
+    run, history = loss_history(cfg)  # still one MLflow run for the name
     assert run.info.status == "FINISHED"
+    assert run.data.tags["suformer.resumed_from"] in ("step-00000010", "step-00000020")
+    assert [s for s, _ in history] == [5, 10, 15, 20, 25, 30]  # each step once
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.family"] == "t5_pegasus"
     losses = [v for _, v in history]
     assert losses[-1] < losses[0] - 0.2 and losses == sorted(losses, reverse=True), history  # visibly falling
@@ -114,46 +149,89 @@ def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
     assert theirs.config.vocab_size == ours.config.vocab_size
 
 
-def _kill_one_worker_after(cfg, step, killed):
-    """Watch the MLflow run and SIGKILL one training worker process once `step` is logged."""
-    from ray.util.state import list_actors
-
-    deadline = time.time() + 300
-    while time.time() < deadline and not killed:
-        try:
-            _, history = loss_history(cfg)
-        except (AssertionError, AttributeError):
-            history = []
-        if history and history[-1][0] >= step:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append((history[-1][0], workers[-1].pid))
-                return
-        time.sleep(0.2)
+FAULT_RUN = dict(max_steps=12, checkpoint_every=4, warmup_steps=2, max_failures=2)
 
 
-def test_killed_worker_resumes_from_checkpoint_with_identical_losses(ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_losses(ray_cluster, tmp_path_factory):
+    """Per-step losses of the fault tests' run without any fault."""
     from suformer.train.pretrain import run_pretraining
 
-    common = dict(max_steps=12, checkpoint_every=4, warmup_steps=2, max_failures=2)
-    clean_cfg = load_config(CONFIG, small(tmp_path, "clean", **common))
-    run_pretraining(clean_cfg)
-    _, clean = loss_history(clean_cfg)
+    cfg = load_config(CONFIG, small(tmp_path_factory.mktemp("clean"), "clean", **FAULT_RUN))
+    run_pretraining(cfg)
+    return [v for _, v in loss_history(cfg)[1]]
 
-    faulty_cfg = load_config(CONFIG, small(tmp_path, "faulty", **common))
-    killed = []
-    watcher = threading.Thread(target=_kill_one_worker_after, args=(faulty_cfg, 6, killed), daemon=True)
+
+def _run_with_fault(cfg, fault):
+    """Run `cfg`, calling `fault()` from a watcher thread once step 6 is logged; the run must survive it."""
+    from suformer.train.pretrain import run_pretraining
+
+    done = []
+
+    def watch():
+        _wait_for_step(cfg, 6)
+        done.append(fault())
+
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    result = run_pretraining(faulty_cfg)
+    result = run_pretraining(cfg)
     watcher.join(timeout=5)
-    assert killed, "the worker was never killed"
-    run, faulty = loss_history(faulty_cfg)  # one MLflow run for the name, asserted inside
+    assert done, "the fault was never injected"
+    run, history = loss_history(cfg)  # one MLflow run for the name, asserted inside
     assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
-    assert [s for s, _ in faulty] == list(range(1, 13))  # every step exactly once
-    assert [v for _, v in faulty] == pytest.approx([v for _, v in clean], rel=1e-5)
+    assert [s for s, _ in history] == list(range(1, 13))  # every step exactly once
     state = json.loads((Path(result["checkpoint"]) / "train_state.json").read_text())
     assert state["run_id"] == result["run_id"] and state["step"] == 12
+    return [v for _, v in history], done[0]
+
+
+def _train_workers():
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+
+
+def test_killed_worker_resumes_from_checkpoint_with_identical_losses(uninterrupted_losses, tmp_path):
+    def kill_one_worker():
+        pid = _train_workers()[-1].pid
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    cfg = load_config(CONFIG, small(tmp_path, "faulty", **FAULT_RUN))
+    losses, _ = _run_with_fault(cfg, kill_one_worker)
+    assert losses == pytest.approx(uninterrupted_losses, rel=1e-5)
+
+
+def _worker_node_of(pid: int):
+    """The local cluster's worker node number hosting process `pid` (None on the head): Ray workers are children
+    of their node's raylet, which runs in the node's temp dir (cluster/local_cluster.sh)."""
+    parent = Path(f"/proc/{pid}/status").read_text().split("PPid:")[1].split()[0]
+    found = re.search(r"suformer-ray-\d+-node(\d+)/", Path(f"/proc/{parent}/cmdline").read_text())
+    return int(found.group(1)) if found else None
+
+
+def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, uninterrupted_losses, tmp_path):
+    """A third node joins, the workers are spread over the nodes, and a node holding one of them is killed whole
+    (raylet, agents, workers) mid-run: Ray marks it dead, Train restarts the group on the nodes left from the
+    last checkpoint, and the losses equal the uninterrupted run's."""
+    import ray
+
+    subprocess.run([str(ray_cluster.script), "add-node", "--cpus", "3"], env=ray_cluster.node_env, check=True,
+                   capture_output=True)
+    deadline = time.time() + 60
+    while ray.cluster_resources().get("CPU", 0) < 9 and time.time() < deadline:
+        time.sleep(0.5)
+
+    def remove_a_worker_node():
+        node = next(n for n in map(_worker_node_of, (w.pid for w in _train_workers())) if n is not None)
+        subprocess.run([str(ray_cluster.script), "remove-node", str(node)], env=ray_cluster.node_env, check=True,
+                       capture_output=True)
+        return node
+
+    cfg = load_config(CONFIG, small(tmp_path, "node-lost", **FAULT_RUN, placement_strategy="SPREAD"))
+    losses, _ = _run_with_fault(cfg, remove_a_worker_node)
+    assert losses == pytest.approx(uninterrupted_losses, rel=1e-5)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the suite's cluster size again
 
 
 @pytest.mark.parametrize("objective", ["mlm", "unilm"])

@@ -154,7 +154,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         train_loop_config={"cfg": cfg.model_dump(), "run_id": run_id, "tracking_uri": uri,
                            "vocab_size": len(tokenizer)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=str(root / "checkpoints"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
