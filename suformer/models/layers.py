@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits up to float32 for a softmax or loss; float64 stays float64 (exact reference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def relative_position_bucket(
     relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
 ) -> torch.Tensor:

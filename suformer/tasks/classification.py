@@ -1,0 +1,59 @@
+"""Text classification on RoFormerV2: [CLS] or mean pooling over the final hidden states, dropout, a linear head.
+
+bert4keras' classifiers take the [CLS] vector (`Lambda(lambda x: x[:, 0])`); mean pooling over the real tokens
+is the usual alternative for a model without a pooler, as RoFormerV2 has none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.layers import at_least_fp32
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+
+
+class SequenceClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: Literal["cls", "mean"] = "cls",
+                 dropout: float = 0.1):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.encoder, self.pooling = encoder, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        """The token-embedding matrix (what FGM, PGD and the gradient penalty perturb)."""
+        return self.encoder.roformer.embeddings.word_embeddings.weight
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ClassifierOutput:
+        if attention_mask is None:
+            attention_mask = input_ids != self.encoder.config.pad_token_id
+        hidden = self.encoder.encode(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier(self.dropout(self.pool(hidden, attention_mask)))
+        loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
+        return ClassifierOutput(logits=logits, loss=loss)
+
+
+def classification_metrics(predictions, labels) -> dict[str, float]:
+    """Accuracy and macro-F1 (scikit-learn's definitions)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(labels, predictions)),
+            "macro_f1": float(f1_score(labels, predictions, average="macro"))}

@@ -1,0 +1,86 @@
+"""Adversarial training on the token-embedding matrix: FGM, PGD, and the gradient penalty (kexue.fm/archives/7234).
+
+FGM and PGD follow bert4torch: the clean and the adversarial gradients are accumulated (two or more backward
+passes per step) and the embedding matrix is restored before the optimizer step. bert4keras keeps only the
+adversarial gradient; with the clean one kept, epsilon -> 0 recovers plain training. The matrix is restored from a
+copy, not by subtracting the perturbation, so it comes back bit for bit.
+
+No library implements these for text embeddings (torchattacks and advertorch attack images, textattack swaps words).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+LossFn = Callable[[], torch.Tensor]
+
+
+def _unit(grad: torch.Tensor) -> torch.Tensor | None:
+    norm = grad.norm()
+    if norm == 0 or not torch.isfinite(norm):
+        return None
+    return grad / norm
+
+
+def fgm_backward(compute_loss: LossFn, embedding: torch.Tensor, epsilon: float = 1.0,
+                 backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean backward, then E += epsilon * g / ||g||, adversarial backward, E restored. Returns both losses.
+
+    `backward` lets a DeepSpeed engine's backward stand in for loss.backward()."""
+    loss = compute_loss()
+    backward(loss)
+    direction = _unit(embedding.grad)
+    if direction is None:  # nothing to perturb along: the adversarial loss is the clean one
+        return loss, loss.detach()
+    saved = embedding.detach().clone()
+    with torch.no_grad():
+        embedding.add_(epsilon * direction)
+    adversarial = compute_loss()
+    backward(adversarial)
+    with torch.no_grad():
+        embedding.copy_(saved)
+    return loss, adversarial
+
+
+def pgd_backward(compute_loss: LossFn, embedding: torch.Tensor, params: list[torch.Tensor], epsilon: float = 1.0,
+                 alpha: float = 0.3, steps: int = 3,
+                 backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected gradient descent (bert4torch defaults K=3, alpha=0.3, epsilon=1): `steps` ascent steps of size
+    alpha along the normalised gradient, each projected back into the Frobenius ball of radius epsilon around the
+    clean embedding. Intermediate gradients are discarded; the clean gradient plus the last step's adversarial
+    gradient remain in `params`' .grad. Returns (clean loss, last adversarial loss)."""
+    loss = compute_loss()
+    backward(loss)
+    clean_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    saved = embedding.detach().clone()
+    adversarial = loss.detach()
+    for step in range(steps):
+        direction = _unit(embedding.grad)
+        if direction is None:
+            break
+        with torch.no_grad():
+            delta = embedding + alpha * direction - saved
+            norm = delta.norm()
+            if norm > epsilon:
+                delta *= epsilon / norm
+            embedding.copy_(saved + delta)
+        if step < steps - 1:
+            for p in params:
+                p.grad = None
+        else:
+            for p, g in zip(params, clean_grads):
+                p.grad = g
+        adversarial = compute_loss()
+        backward(adversarial)
+    with torch.no_grad():
+        embedding.copy_(saved)
+    return loss, adversarial
+
+
+def gradient_penalty(loss: torch.Tensor, embedding: torch.Tensor, epsilon: float = 1.0) -> torch.Tensor:
+    """loss + epsilon/2 * ||dloss/dE||^2 (bert4keras), with a real second-order gradient (create_graph=True): the
+    penalty's own gradient reaches every parameter upstream of the loss. Fused attention kernels (SDPA's flash
+    path, the Triton kernels) have no double backward: the model must use attention_backend="reference"."""
+    (grad,) = torch.autograd.grad(loss, embedding, create_graph=True)
+    return loss + 0.5 * epsilon * grad.pow(2).sum()

@@ -1,0 +1,252 @@
+"""Each fine-tuning trick against its definition, computed independently (autograd on a copy, float64 finite
+differences, closed forms, slow per-row loops)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from suformer.models import build_model
+from suformer.tasks.classification import SequenceClassifier
+from suformer.tricks.adversarial import fgm_backward, gradient_penalty, pgd_backward
+from suformer.tricks.child_tuning import ChildTuningD, ChildTuningF
+from suformer.tricks.ema import ema_model
+from suformer.tricks.layerwise_lr import layerwise_lr_groups
+from suformer.tricks.lora import apply_lora, trainable_parameters
+from suformer.tricks.rdrop import rdrop_loss, repeat_for_rdrop
+from suformer.tricks.sparse_softmax import sparse_logits, sparse_softmax_cross_entropy
+
+
+def classifier(dtype=torch.float32, pooling="cls", attention_backend="sdpa"):
+    torch.manual_seed(0)
+    encoder = build_model("roformer_v2", "tiny", vocab_size=120, dropout=0.0, attention_backend=attention_backend)
+    return SequenceClassifier(encoder, num_labels=2, pooling=pooling, dropout=0.0).to(dtype)
+
+
+def batch(rows=4, length=12):
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(5, 120, (rows, length), generator=g), "labels": torch.tensor([0, 1] * (rows // 2))}
+
+
+def grads_at(model, embedding_value, inputs):
+    """dL/dtheta of a copy of `model` whose embedding matrix is set to `embedding_value`."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.word_embeddings.copy_(embedding_value)
+    twin.zero_grad()
+    twin(**inputs).loss.backward()
+    return {n: p.grad.clone() for n, p in twin.named_parameters()}
+
+
+def test_fgm_adds_the_adversarial_gradient_and_restores_the_embedding_exactly():
+    model, inputs = classifier(), batch()
+    original = model.word_embeddings.detach().clone()
+    clean = grads_at(model, original, inputs)
+    g = clean["encoder.roformer.embeddings.word_embeddings.weight"]
+    perturbed = original + 0.05 * g / g.norm()
+    adversarial = grads_at(model, perturbed, inputs)
+
+    loss, adv_loss = fgm_backward(lambda: model(**inputs).loss, model.word_embeddings, epsilon=0.05)
+    assert torch.equal(model.word_embeddings, original)
+    assert adv_loss > loss  # a step up the gradient raises the loss
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, clean[name] + adversarial[name], rtol=1e-4, atol=1e-6)
+
+
+def test_pgd_stays_in_its_epsilon_ball_and_keeps_clean_plus_last_adversarial_gradient():
+    model, inputs = classifier(), batch()
+    original = model.word_embeddings.detach().clone()
+    seen = []
+
+    def loss_fn():
+        seen.append(model.word_embeddings.detach().clone())
+        return model(**inputs).loss
+
+    epsilon = 0.5  # three steps of 0.3 leave the ball: the projection must act
+    pgd_backward(loss_fn, model.word_embeddings, list(model.parameters()), epsilon=epsilon, alpha=0.3, steps=3)
+    assert len(seen) == 4 and torch.equal(seen[0], original)
+    radii = [(e - original).norm().item() for e in seen[1:]]
+    assert radii[0] == pytest.approx(0.3, rel=1e-4) and all(r <= epsilon * (1 + 1e-5) for r in radii)
+    assert radii[-1] == pytest.approx(epsilon, rel=1e-4)
+    assert torch.equal(model.word_embeddings, original)
+    clean, last = grads_at(model, original, inputs), grads_at(model, seen[-1], inputs)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, clean[name] + last[name], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_penalty_value_and_its_second_order_gradient():
+    # Fused attention (SDPA's flash path, the Triton kernels) has no double backward: the reference backend does.
+    model, inputs = classifier(torch.float64, attention_backend="reference"), batch()
+    E = model.word_embeddings
+
+    def penalised():
+        return gradient_penalty(model(**inputs).loss, E, epsilon=1.0)
+
+    loss = model(**inputs).loss
+    (g,) = torch.autograd.grad(loss, E)
+    assert penalised().item() == pytest.approx(loss.item() + 0.5 * g.pow(2).sum().item(), rel=1e-12)
+
+    weight = model.classifier.weight
+    (analytic,) = torch.autograd.grad(penalised(), weight)
+    direction, h = torch.randn_like(weight), 1e-6
+    with torch.no_grad():
+        weight += h * direction
+    up = penalised().item()
+    with torch.no_grad():
+        weight -= 2 * h * direction
+    down = penalised().item()
+    assert (analytic * direction).sum().item() == pytest.approx((up - down) / (2 * h), rel=1e-5)
+    (plain,) = torch.autograd.grad(model(**inputs).loss, weight)
+    assert not torch.allclose(plain, analytic)  # the penalty contributes a gradient of its own
+
+
+def test_rdrop_loss_is_ce_plus_symmetric_kl_and_zero_kl_for_identical_outputs():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 5, (4,)).repeat_interleave(2)
+    slow_kl = sum(F.kl_div(logits[i + 1].log_softmax(-1), logits[i].log_softmax(-1), log_target=True, reduction="sum")
+                  + F.kl_div(logits[i].log_softmax(-1), logits[i + 1].log_softmax(-1), log_target=True, reduction="sum")
+                  for i in range(0, 8, 2)) / 4
+    expected = F.cross_entropy(logits, labels) + 4.0 / 4 * slow_kl
+    assert rdrop_loss(logits, labels, alpha=4.0).item() == pytest.approx(expected.item(), rel=1e-10)
+    swapped = logits.view(4, 2, 5).flip(1).reshape(8, 5)
+    assert rdrop_loss(swapped, labels).item() == pytest.approx(rdrop_loss(logits, labels).item(), rel=1e-12)
+    same = logits[0::2].repeat_interleave(2, dim=0)
+    assert rdrop_loss(same, labels).item() == pytest.approx(F.cross_entropy(same, labels).item(), rel=1e-12)
+    assert torch.equal(repeat_for_rdrop({"x": torch.arange(3)})["x"], torch.tensor([0, 0, 1, 1, 2, 2]))
+
+
+def test_rdrop_per_token_kl_ignores_padding_positions():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(4, 3, 6, dtype=torch.float64), torch.randint(0, 6, (4, 3))
+    labels[:, 2] = -100
+    changed = logits.clone()
+    changed[1, 2] += 5.0  # only at an ignored position
+    assert rdrop_loss(changed, labels).item() == pytest.approx(rdrop_loss(logits, labels).item(), rel=1e-12)
+
+
+def test_child_tuning_f_keeps_about_p_of_the_entries_scaled_by_one_over_p():
+    p, n = 0.3, 200_000
+    param = torch.nn.Parameter(torch.zeros(n))
+    param.grad = torch.ones(n)
+    ChildTuningF([param], reserve_p=p, generator=torch.Generator().manual_seed(0)).mask_gradients()
+    kept = param.grad != 0
+    assert abs(kept.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert torch.allclose(param.grad[kept], torch.full((int(kept.sum()),), 1 / p))
+
+
+def test_child_tuning_d_masks_all_but_the_highest_fisher_entries():
+    model, inputs = classifier(), batch()
+    batches = [{k: v[i:i + 2] for k, v in inputs.items()} for i in (0, 2)]
+    child = ChildTuningD.from_fisher(model, lambda: (model(**b).loss for b in batches), reserve_p=0.2)
+    assert set(child.masks) == {n for n, _ in model.named_parameters() if ".layer." in n}
+
+    fisher = {}  # slow reference: per batch, clip each parameter's gradient to norm 1, square, average
+    for b in batches:
+        grads = torch.autograd.grad(model(**b).loss, [child.named_params[n] for n in child.masks])
+        for name, g in zip(child.masks, grads):
+            g = g * min(1.0, 1.0 / (g.norm().item() + 1e-6))
+            fisher[name] = fisher.get(name, 0) + g.pow(2) / len(batches)
+    values = torch.cat([f.flatten() for f in fisher.values()]).sort(descending=True).values
+    kept = sum(int(m.sum()) for m in child.masks.values())
+    assert kept == pytest.approx(0.2 * values.numel(), rel=0.01)
+    cut = values[kept - 1]
+    for name, mask in child.masks.items():
+        assert torch.equal(mask[fisher[name] > cut * 1.001], torch.ones_like(mask[fisher[name] > cut * 1.001]))
+        assert not mask[fisher[name] < cut * 0.999].any()
+
+    model(**inputs).loss.backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    child.mask_gradients()
+    for name, p in model.named_parameters():
+        expected = before[name] * child.masks[name] if name in child.masks else before[name]
+        assert torch.equal(p.grad, expected)
+
+
+def test_ema_matches_the_closed_form():
+    decay, model = 0.9, torch.nn.Linear(3, 2)
+    history = [model.weight.detach().clone()]
+    ema = ema_model(model, decay)
+    for step in range(5):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        history.append(model.weight.detach().clone())
+        ema.update_parameters(model)
+    k = len(history) - 1
+    closed = decay**k * history[0] + sum((1 - decay) * decay ** (k - i) * history[i] for i in range(1, k + 1))
+    torch.testing.assert_close(ema.module.weight, closed, rtol=1e-6, atol=1e-6)
+
+
+def test_layerwise_lr_decays_from_the_top_block_down_to_the_embeddings():
+    model = classifier()
+    groups = layerwise_lr_groups(model, lr=1e-3, decay=0.5)
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each parameter exactly once
+    lr_of = {n: g["lr"] for g in groups for n in g["names"]}
+    layers = model.encoder.config.num_layers
+    for name in names:
+        if ".layer." in name:
+            i = int(name.split(".layer.")[1].split(".")[0])
+            assert lr_of[name] == pytest.approx(1e-3 * 0.5 ** (layers - 1 - i))
+        elif "embeddings" in name:
+            assert lr_of[name] == pytest.approx(1e-3 * 0.5**layers)
+        else:
+            assert lr_of[name] == pytest.approx(1e-3), name
+
+
+def test_lora_trains_only_its_adapters_and_merges_back_to_identical_outputs():
+    base, inputs = classifier(), batch()
+    with torch.no_grad():
+        reference = base(**inputs).logits
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = apply_lora(base, "roformer_v2", r=4, alpha=8, trainable_modules=["classifier"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+    assert trainable_parameters(model) < 0.1 * sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference)  # B = 0: starts as the base model
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**inputs).loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+    assert not torch.allclose(adapted, reference)
+    merged = model.merge_and_unload()
+    for name, p in merged.named_parameters():  # frozen weights untouched by training, changed only by merging
+        if not any(t in name for t in ("query", "key", "value", "classifier")):
+            assert torch.equal(p, frozen[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_softmax_is_the_cross_entropy_over_the_top_k():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 20, dtype=torch.float64, requires_grad=True), torch.randint(0, 20, (6,))
+    slow = sum(math.log(sum(math.exp(v) for v in sorted(row.tolist(), reverse=True)[:5])) - row[y].item()
+               for row, y in zip(logits, labels)) / 6
+    loss = sparse_softmax_cross_entropy(logits, labels, k=5)
+    assert loss.item() == pytest.approx(slow, rel=1e-10)
+    loss.backward()
+    outside = logits.detach() < logits.detach().topk(5, -1).values[:, -1:]
+    target = F.one_hot(labels, 20).bool()
+    assert (logits.grad[outside & ~target] == 0).all()  # truncated logits get no gradient
+    full = sparse_softmax_cross_entropy(logits, labels, k=20)
+    assert full.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-12)
+    probs = sparse_logits(logits.detach(), k=5).softmax(-1)
+    top = logits.detach().topk(5, -1)
+    torch.testing.assert_close(probs.gather(-1, top.indices), top.values.softmax(-1))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_classifier_pooling_ignores_padding(pooling):
+    model, inputs = classifier(pooling=pooling).eval(), batch()
+    padded = {"input_ids": F.pad(inputs["input_ids"], (0, 5), value=0)}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**padded).logits, model(input_ids=inputs["input_ids"]).logits,
+                                   rtol=1e-5, atol=1e-5)
+        hidden = model.encoder.encode(inputs["input_ids"])
+    expected = hidden[:, 0] if pooling == "cls" else hidden.mean(1)
+    torch.testing.assert_close(model.pool(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool)), expected)
