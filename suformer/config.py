@@ -111,24 +111,8 @@ class RunSection(_Strict):
     tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite under `root`
 
 
-class PretrainConfig(_Strict):
-    model: ModelSection
-    data: DataSection = DataSection()
-    train: TrainSection = TrainSection()
-    run: RunSection = RunSection()
-
-    @model_validator(mode="after")
-    def _objective_fits_family(self):
-        wanted = {"t5_pegasus": ("pegasus",), "roformer_v2": ("mlm", "unilm")}[self.model.family]
-        if self.data.objective not in wanted:
-            raise ValueError(f"data.objective {self.data.objective!r} does not train {self.model.family} "
-                             f"(use one of {list(wanted)})")
-        if self.train.max_tokens_per_batch is not None:
-            longest = self.data.max_source_len if self.data.objective == "pegasus" else self.data.max_len
-            if self.train.max_tokens_per_batch < longest:
-                raise ValueError(f"train.max_tokens_per_batch {self.train.max_tokens_per_batch} cannot hold one "
-                                 f"example of the maximum length {longest}")
-        return self
+class _Job(_Strict):
+    """What every job config derives the same way: where its run lives and how MLflow sees it."""
 
     # -- derived locations --------------------------------------------------------------------------------------
     @property
@@ -148,6 +132,88 @@ class PretrainConfig(_Strict):
         return {f"{s}.{k}": v for s, section in self.model_dump().items() for k, v in section.items()}
 
 
+class PretrainConfig(_Job):
+    model: ModelSection
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _objective_fits_family(self):
+        wanted = {"t5_pegasus": ("pegasus",), "roformer_v2": ("mlm", "unilm")}[self.model.family]
+        if self.data.objective not in wanted:
+            raise ValueError(f"data.objective {self.data.objective!r} does not train {self.model.family} "
+                             f"(use one of {list(wanted)})")
+        if self.train.max_tokens_per_batch is not None:
+            longest = self.data.max_source_len if self.data.objective == "pegasus" else self.data.max_len
+            if self.train.max_tokens_per_batch < longest:
+                raise ValueError(f"train.max_tokens_per_batch {self.train.max_tokens_per_batch} cannot hold one "
+                                 f"example of the maximum length {longest}")
+        return self
+
+
+
+class FinetuneModelSection(_Strict):
+    family: Literal["roformer_v2"] = "roformer_v2"
+    preset: str = "tiny"
+    init_from: Optional[str] = None  # a save_pretrained RoFormerV2 (e.g. a pretraining run's export)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # Su uses 0.3 with R-Drop and SimCSE
+    pooling: Literal["cls", "mean"] = "cls"
+    attention_backend: Optional[str] = None
+
+
+class FinetuneDataSection(_Strict):
+    task: Literal["sentiment"] = "sentiment"
+    split_seed: int = 0
+    max_len: int = Field(64, ge=8)
+    max_train_examples: Optional[int] = Field(None, gt=0)  # a fixed subsample (CPU runs)
+    max_eval_examples: Optional[int] = Field(None, gt=0)
+    vocab_size: int = Field(6000, gt=106)  # char vocab from the training texts when model.init_from is unset
+
+
+class TricksSection(_Strict):
+    """Every trick off by default; tricks.md gives the defaults each paper or post used."""
+    adversarial: Literal["none", "fgm", "pgd", "gradient_penalty"] = "none"
+    adversarial_epsilon: float = Field(1.0, gt=0)  # bert4torch 1.0 (bert4keras' IFLYTEK example: FGM 0.5)
+    pgd_alpha: float = Field(0.3, gt=0)
+    pgd_steps: int = Field(3, ge=1)
+    rdrop_alpha: float = Field(0.0, ge=0)  # 0 off; Su uses 4
+    child_tuning: Literal["none", "F", "D"] = "none"
+    child_tuning_p: float = Field(0.3, gt=0, le=1)
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # bert4keras 0.999
+    layerwise_lr_decay: Optional[float] = Field(None, gt=0, le=1)
+    lora_r: int = Field(0, ge=0)  # 0 off; PEFT's default 8
+    lora_alpha: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _compatible(self):
+        if self.lora_r and self.adversarial != "none":
+            raise ValueError(f"tricks.adversarial={self.adversarial} perturbs along the embedding gradient, which "
+                             "LoRA (tricks.lora_r) freezes: use one or the other")
+        if self.lora_r and self.child_tuning != "none":
+            raise ValueError("tricks.child_tuning masks full-model gradients; with LoRA only adapters train")
+        return self
+
+
+class FinetuneTrainSection(_Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    threads: int = Field(1, ge=1)  # torch intra-op threads per run (one Tune trial per CPU)
+
+
+class FinetuneConfig(_Job):
+    model: FinetuneModelSection = FinetuneModelSection()
+    data: FinetuneDataSection = FinetuneDataSection()
+    tricks: TricksSection = TricksSection()
+    train: FinetuneTrainSection = FinetuneTrainSection()
+    run: RunSection = RunSection(name="suformer-finetune", experiment="suformer-finetune")
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=200")
@@ -155,8 +221,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value != "" else ""
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PretrainConfig:
-    """YAML file + dotted overrides -> validated config; any problem is a ConfigError naming the key."""
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, schema=PretrainConfig):
+    """YAML file + dotted overrides -> validated `schema`; any problem is a ConfigError naming the key."""
     source = path or "<overrides>"
     raw: dict = {}
     if path is not None:
@@ -179,7 +245,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 raise ConfigError(f"--set {item!r}: {key} is not a section")
         node[keys[-1]] = value
     try:
-        return PretrainConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
         problems = []
         for err in e.errors():

@@ -19,16 +19,16 @@ def _client(tracking_uri: str):
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[dict] = None,
-             artifact_location: Optional[str] = None) -> tuple[str, bool]:
-    """(run id, resumed): the newest run tagged with `run_name` in `experiment`, else a new one.
+             artifact_location: Optional[str] = None, resume: bool = True) -> tuple[str, bool]:
+    """(run id, resumed): the newest run tagged with `run_name` in `experiment` (when `resume`), else a new one.
 
     `artifact_location` is where a new experiment keeps artifacts; without it a SQLite store puts them in
     ./mlruns of the current directory, which under `ray job submit` is a temporary upload directory."""
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = resume and client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                          order_by=["attributes.start_time DESC"], max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -40,12 +40,13 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[d
 class MetricLogger:
     """Rank 0's metric sink: batches metrics, skips steps the run already has."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, history_key: str = "train/loss"):
+        """`history_key`: the metric logged at every step, read back to find the run's last step."""
         from mlflow.entities import Metric
 
         self._metric = Metric
         self.client, self.run_id = _client(tracking_uri), run_id
-        history = self.client.get_metric_history(run_id, "train/loss")
+        history = self.client.get_metric_history(run_id, history_key)
         self.last_step = max((m.step for m in history), default=-1)
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -57,12 +58,13 @@ class MetricLogger:
     def close(self) -> None:
         self.system.finish()
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if step <= self.last_step:
+    def log(self, step: int, metrics: dict[str, float], replayed_steps: str = "skip") -> None:
+        """`replayed_steps="log"` for metrics that belong to a step already logged (a final summary)."""
+        if step <= self.last_step and replayed_steps == "skip":
             return
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[self._metric(k, float(v), now, step) for k, v in metrics.items()])
-        self.last_step = step
+        self.last_step = max(step, self.last_step)
 
 
 def log_params(tracking_uri: str, run_id: str, params: dict, mutable: frozenset = frozenset()) -> None:
@@ -101,6 +103,26 @@ def log_artifacts(tracking_uri: str, run_id: str, local_dir: str, artifact_path:
 
 def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
     _client(tracking_uri).log_text(run_id, text, artifact_file)
+
+
+def create_child_run(tracking_uri: str, experiment: str, parent_run_id: str, run_name: str,
+                     tags: Optional[dict] = None) -> str:
+    """A new run nested under `parent_run_id` in the MLflow UI (the mlflow.parentRunId tag)."""
+    client = _client(tracking_uri)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    run = client.create_run(exp_id, run_name=run_name, tags={"mlflow.parentRunId": parent_run_id, **(tags or {})})
+    return run.info.run_id
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list:
+    client = _client(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=10000)
+
+
+def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
+    _client(tracking_uri).set_tag(run_id, key, value)
 
 
 def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:

@@ -1,0 +1,255 @@
+"""Trick sweeps: a Ray Tune grid over tricks x seeds (plus sampled hyperparameters), one fine-tuning run per trial,
+one MLflow parent run per sweep with a child run per trial, and a comparison table + plot on the parent.
+
+The trials log to MLflow themselves (the parent id travels in their config): Ray's MLflowLoggerCallback runs on the
+Tune driver and knows nothing of parent runs. The comparison is built from the child runs, the record that
+outlives the Tune results folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from .config import FinetuneConfig, _Strict
+
+TRICK_TAG, SEED_TAG, PARENT_TAG = "suformer.trick", "suformer.seed", "mlflow.parentRunId"
+SAMPLERS = ("loguniform", "uniform", "choice", "randint")
+
+
+class SweepConfig(_Strict):
+    name: str = Field("sentiment-tricks", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    finetune: FinetuneConfig = FinetuneConfig()  # the base fine-tuning run every trial starts from
+    # trick name -> overrides of the `tricks` section; "none" (no override) is the baseline of the comparison
+    tricks: dict[str, dict] = {"none": {}}
+    seeds: list[int] = Field([0, 1], min_length=1)
+    # "section.key" of the fine-tuning config -> {"loguniform": [lo, hi]} | {"uniform": [lo, hi]} | {"choice": [...]} | {"randint": [lo, hi]}
+    search: dict[str, dict[str, list]] = {}
+    num_samples: int = Field(1, ge=1)  # hyperparameter samples per (trick, seed)
+    scheduler: Literal["fifo", "asha"] = "fifo"  # ASHA stops weak trials early (they then have no test score)
+    metric: str = "dev/accuracy"
+    compare_on: str = "test/accuracy"  # of the best-dev epoch
+    cpus_per_trial: float = Field(1.0, gt=0)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: the cluster's CPUs / cpus_per_trial
+    register_as: Optional[str] = "suformer-sentiment-classifier"  # registry name of the best-dev model
+
+    @field_validator("tricks")
+    @classmethod
+    def _tricks_valid(cls, tricks):
+        if "none" not in tricks:
+            raise ValueError("must include 'none' (the baseline every trick is compared with)")
+        for name, overrides in tricks.items():
+            try:
+                FinetuneConfig.model_validate({"tricks": overrides})
+            except Exception as e:  # noqa: BLE001 - re-raised with the trick named
+                raise ValueError(f"trick {name!r}: {e}") from None
+        return tricks
+
+    @field_validator("search")
+    @classmethod
+    def _search_valid(cls, search):
+        for key, spec in search.items():
+            section, _, field = key.partition(".")
+            known = FinetuneConfig.model_fields.get(section)
+            if known is None or field not in known.annotation.model_fields:
+                raise ValueError(f"{key}: not a fine-tuning setting (use section.key, e.g. train.lr)")
+            if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+                raise ValueError(f"{key}: expected one of {SAMPLERS} with its arguments, got {spec}")
+        return search
+
+
+def trial_config(sweep: SweepConfig, trick: str, seed: int, sampled: dict) -> FinetuneConfig:
+    """The base fine-tuning config with one trick, one seed and the sampled hyperparameters applied."""
+    raw = sweep.finetune.model_dump()
+    raw["tricks"].update(sweep.tricks[trick])
+    raw["train"]["seed"] = seed
+    for key, value in sampled.items():
+        section, field = key.split(".", 1)
+        raw[section][field] = value
+    return FinetuneConfig.model_validate(raw)
+
+
+def _sampler(spec: dict):
+    from ray import tune
+
+    kind, args = next(iter(spec.items()))
+    return {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}[kind](*args) \
+        if kind != "choice" else tune.choice(args)
+
+
+def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
+    """One Tune trial: a child MLflow run, the fine-tuning, the best model saved for registration."""
+    import torch
+    from ray import tune
+
+    from . import tracking
+    from .train.finetune import finetune
+
+    sweep = SweepConfig.model_validate_json(sweep_json)
+    cfg = trial_config(sweep, config["trick"], config["seed"], config.get("search", {}))
+    uri = cfg.tracking_uri
+    run_id = tracking.create_child_run(uri, cfg.run.experiment, parent_id, f"{config['trick']}-seed{config['seed']}",
+                                       tags={TRICK_TAG: config["trick"], SEED_TAG: str(config["seed"])})
+    tracking.log_params(uri, run_id, {**cfg.flat(), "sweep.trick": config["trick"]})
+    try:
+        out = finetune(cfg, run_id, report=tune.report)
+    except BaseException:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    saved = cfg.run_dir.parent / sweep.name / "trials" / run_id
+    saved.mkdir(parents=True, exist_ok=True)
+    torch.save(out["model"].state_dict(), saved / "model.pt")
+    out["tokenizer"].save_pretrained(saved)
+    (saved / "finetune.json").write_text(cfg.model_dump_json(indent=2))
+    tracking.finish_run(uri, run_id)
+
+
+def comparison(children: list[dict], compare_on: str) -> list[dict]:
+    """Per trick: the metric's mean and spread over its trials, the difference from "none" with Welch's t-test,
+    trainable parameters, time per epoch and peak memory. `children`: {"trick", "metrics"} per finished trial."""
+    from scipy import stats
+
+    by_trick: dict[str, list[dict]] = {}
+    for child in children:
+        by_trick.setdefault(child["trick"], []).append(child["metrics"])
+    baseline = [m[compare_on] for m in by_trick.get("none", []) if compare_on in m]
+    rows = []
+    for trick, runs in sorted(by_trick.items(), key=lambda kv: (kv[0] != "none", kv[0])):
+        values = [m[compare_on] for m in runs if compare_on in m]
+        if not values:
+            continue
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        row = {"trick": trick, "runs": len(values), "mean": mean, "std": std, "values": values,
+               "diff_vs_none": mean - sum(baseline) / len(baseline) if baseline else float("nan"),
+               "p_value": float("nan"),
+               "trainable_params": int(runs[0].get("params/trainable", 0)),
+               "epoch_time_s": sum(m.get("time/epoch_s", 0) for m in runs) / len(runs),
+               "peak_memory_mb": max(m.get("memory/peak_mb", 0) for m in runs)}
+        if trick != "none" and len(values) > 1 and len(baseline) > 1:
+            row["p_value"] = float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
+        rows.append(row)
+    return rows
+
+
+def comparison_markdown(rows: list[dict], compare_on: str) -> str:
+    lines = [f"| trick | runs | {compare_on} mean ± std | Δ vs none | p (Welch) | trainable params | s / epoch | "
+             "peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = "" if r["trick"] == "none" else f"{r['diff_vs_none']:+.4f}"
+        p = "" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
+        lines.append(f"| {r['trick']} | {r['runs']} | {r['mean']:.4f} ± {r['std']:.4f} | {delta} | {p} | "
+                     f"{r['trainable_params']:,} | {r['epoch_time_s']:.1f} | {r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def comparison_plot(rows: list[dict], compare_on: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (score, cost) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    names = [r["trick"] for r in rows]
+    score.bar(names, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4, color="#8fb3d9")
+    for i, r in enumerate(rows):
+        score.scatter([i] * len(r["values"]), r["values"], color="#1f3f66", zorder=3, s=14)
+    low = min(v for r in rows for v in r["values"])
+    score.set_ylim(max(0.0, low - 0.05), min(1.0, max(r["mean"] + r["std"] for r in rows) + 0.03))
+    score.set_title(f"{compare_on} (bars: mean ± std over seeds; dots: runs)")
+    cost.bar(names, [r["epoch_time_s"] for r in rows], color="#d9a58f")
+    cost.set_title("seconds per epoch")
+    for ax in (score, cost):
+        ax.tick_params(axis="x", rotation=30)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(sweep: SweepConfig) -> dict:
+    """Run the sweep on the connected (or a local) Ray cluster; returns the parent run id and the comparison."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from . import tracking
+
+    base = sweep.finetune
+    uri = base.tracking_uri
+    root = Path(base.run.root).expanduser().resolve()
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    artifacts = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    # A new parent per sweep run: children of an earlier sweep with the same name must not enter this comparison.
+    parent_id, _ = tracking.open_run(uri, base.run.experiment, sweep.name, artifact_location=artifacts,
+                                     tags={"suformer.kind": "sweep"}, resume=False)
+    tracking.log_params(uri, parent_id, {"sweep.tricks": json.dumps(sweep.tricks), "sweep.seeds": sweep.seeds,
+                                         "sweep.search": json.dumps(sweep.search), "sweep.metric": sweep.metric,
+                                         "sweep.scheduler": sweep.scheduler, **base.flat()})
+    space = {"trick": tune.grid_search(list(sweep.tricks)), "seed": tune.grid_search(sweep.seeds)}
+    if sweep.search:
+        space["search"] = {key: _sampler(spec) for key, spec in sweep.search.items()}
+    concurrent = sweep.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_trial))
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=base.train.epochs, grace_period=1) \
+        if sweep.scheduler == "asha" else FIFOScheduler()
+    trainable = tune.with_resources(tune.with_parameters(_run_trial, sweep_json=sweep.model_dump_json(),
+                                                         parent_id=parent_id), {"cpu": sweep.cpus_per_trial})
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,
+                                    num_samples=sweep.num_samples, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=str(root / "tune"), verbose=1),
+    )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        tracking.finish_run(uri, parent_id, "FAILED")
+        raise
+
+    children = tracking.child_runs(uri, parent_id)
+    finished = [{"trick": c.data.tags[TRICK_TAG], "metrics": c.data.metrics, "run_id": c.info.run_id}
+                for c in children if c.info.status == "FINISHED"]
+    rows = comparison(finished, sweep.compare_on)
+    table = comparison_markdown(rows, sweep.compare_on)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "comparison.md").write_text(table + "\n")
+        (Path(tmp) / "comparison.json").write_text(json.dumps(rows, indent=2))
+        if rows:
+            comparison_plot(rows, sweep.compare_on, Path(tmp) / "comparison.png")
+        tracking.log_artifacts(uri, parent_id, tmp, "comparison")
+    registered = None
+    if sweep.register_as and finished:
+        best = max(finished, key=lambda c: c["metrics"].get(f"best_{sweep.metric}", float("-inf")))
+        registered = _register(uri, best["run_id"], root / sweep.name / "trials" / best["run_id"], sweep.register_as)
+        tracking.set_tag(uri, parent_id, "suformer.best_child", best["run_id"])
+    tracking.finish_run(uri, parent_id, "FINISHED" if not grid.errors else "FAILED")
+    return {"parent_run_id": parent_id, "rows": rows, "table": table, "children": len(children),
+            "errors": len(grid.errors), "registered": registered, "tune_path": grid.experiment_path,
+            "tracking_uri": uri, "experiment": base.run.experiment}
+
+
+def _register(uri: str, run_id: str, saved: Path, name: str) -> str:
+    """Log the best trial's model (LoRA merged) on its child run and register it; returns 'name/version'."""
+    import mlflow
+    import torch
+
+    from .train.finetune import build_classifier
+
+    cfg = FinetuneConfig.model_validate_json((saved / "finetune.json").read_text())
+    plain = cfg.model_copy(update={"tricks": cfg.tricks.model_copy(update={"lora_r": 0})})
+    from .tokenizer import Tokenizer
+
+    model = build_classifier(plain, len(Tokenizer.from_pretrained(saved)))
+    model.load_state_dict(torch.load(saved / "model.pt", weights_only=True))
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        # pickle: loading needs suformer importable (as the requirements say); pt2 would freeze the input shape
+        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                 pip_requirements=["torch", "suformer"])
+        mlflow.log_artifacts(str(saved), "model_files")
+    version = mlflow.register_model(f"runs:/{run_id}/model", name)
+    return f"{name}/{version.version}"

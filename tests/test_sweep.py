@@ -1,0 +1,88 @@
+"""A real Ray Tune sweep of fine-tuning tricks on the session's Ray cluster, tracked as MLflow parent/child runs."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from suformer.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = str(REPO / "jobs" / "configs" / "sweep_sentiment_tiny_cpu.yaml")
+
+
+def sweep_main(argv):
+    spec = importlib.util.spec_from_file_location("sweep_job", REPO / "jobs" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def _small(root):
+    return [f"finetune.run.root={root}", "finetune.data.max_train_examples=400", "finetune.data.max_eval_examples=200"]
+
+
+@pytest.mark.slow
+def test_sweep_of_five_tricks_and_two_seeds_makes_parent_child_runs_table_plot_and_registers(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from suformer.tune import SweepConfig, run_sweep
+
+    sweep = load_config(SWEEP, _small(tmp_path), schema=SweepConfig)
+    result = run_sweep(sweep)
+    assert result["errors"] == 0 and result["children"] == 10
+
+    client = MlflowClient(sweep.finetune.tracking_uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["suformer.kind"] == "sweep"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    pairs = sorted((c.data.tags["suformer.trick"], c.data.tags["suformer.seed"]) for c in children)
+    assert pairs == sorted((t, s) for t in ("none", "fgm", "rdrop", "ema", "lora") for s in ("0", "1"))
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["sweep.trick"] == child.data.tags["suformer.trick"]
+        assert child.data.params["train.seed"] == child.data.tags["suformer.seed"]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "dev/accuracy")] == [1, 2]
+        assert 0 <= child.data.metrics["test/accuracy"] <= 1
+    lora = next(c for c in children if c.data.tags["suformer.trick"] == "lora")
+    none = next(c for c in children if c.data.tags["suformer.trick"] == "none")
+    assert lora.data.params["tricks.lora_r"] == "8"
+    assert lora.data.metrics["params/trainable"] < none.data.metrics["params/trainable"] / 10
+
+    # The table's numbers are the children's, recomputed here from MLflow.
+    rows = {r["trick"]: r for r in result["rows"]}
+    assert set(rows) == {"none", "fgm", "rdrop", "ema", "lora"} and all(r["runs"] == 2 for r in rows.values())
+    mean_of = lambda trick: sum(c.data.metrics["test/accuracy"] for c in children  # noqa: E731
+                                if c.data.tags["suformer.trick"] == trick) / 2
+    assert rows["none"]["mean"] == pytest.approx(mean_of("none"))
+    assert rows["rdrop"]["diff_vs_none"] == pytest.approx(mean_of("rdrop") - mean_of("none"))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/comparison.md", "comparison/comparison.json", "comparison/comparison.png"} <= artifacts
+    png = Path(client.download_artifacts(parent.info.run_id, "comparison/comparison.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "| none | 2 |" in result["table"] and "| lora | 2 |" in result["table"]
+
+    name, version = result["registered"].split("/")
+    registered = client.get_model_version(name, version)
+    best = max(children, key=lambda c: c.data.metrics["best_dev/accuracy"])
+    assert registered.run_id == best.info.run_id == parent.data.tags["suformer.best_child"]
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(sweep.finetune.tracking_uri)
+    loaded = mlflow.pytorch.load_model(f"models:/{name}/{version}").eval()
+    with torch.no_grad():
+        assert loaded(input_ids=torch.tensor([[2, 300, 400, 3]])).logits.shape == (1, 2)
+    assert list(Path(result["tune_path"]).rglob("events.out.tfevents*"))  # TensorBoard on the Tune folder
+
+
+@pytest.mark.parametrize("override,message", [
+    ('tricks={"fgm": {"adversarial": "fgm"}}', "must include 'none'"),
+    ('tricks={"none": {}, "bad": {"lora_r": 8, "adversarial": "fgm"}}', "trick 'bad'"),
+    ('search={"train.lr": {"lognormal": [1, 2]}}', "expected one of"),
+    ('search={"train.lrate": {"loguniform": [1, 2]}}', "not a fine-tuning setting"),
+    ("finetune.tricks.ema_decay=1.5", "finetune.tricks.ema_decay"),
+])
+def test_bad_sweep_configs_exit_2_naming_the_problem(override, message, capsys):
+    assert sweep_main(["--config", SWEEP, "--set", override]) == 2
+    assert message in capsys.readouterr().err
