@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -131,8 +132,11 @@ def comparison(children: list[dict], compare_on: str) -> list[dict]:
                "trainable_params": int(runs[0].get("params/trainable", 0)),
                "epoch_time_s": sum(m.get("time/epoch_s", 0) for m in runs) / len(runs),
                "peak_memory_mb": max(m.get("memory/peak_mb", 0) for m in runs)}
-        if trick != "none" and len(values) > 1 and len(baseline) > 1:
-            row["p_value"] = float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
+        spread = row["std"] > 0 or len(set(baseline)) > 1  # no spread at all: the t statistic is undefined
+        if trick != "none" and len(values) > 1 and len(baseline) > 1 and spread:
+            with warnings.catch_warnings():  # scipy warns when one group's values are all equal; the test holds
+                warnings.simplefilter("ignore", RuntimeWarning)
+                row["p_value"] = float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
         rows.append(row)
     return rows
 
@@ -248,8 +252,8 @@ def _register(uri: str, run_id: str, saved: Path, name: str) -> str:
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         # pickle: loading needs suformer importable (as the requirements say); pt2 would freeze the input shape
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                 pip_requirements=["torch", "suformer"])
-        mlflow.log_artifacts(str(saved), "model_files")
-    version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        pip_requirements=["torch", "suformer"])
+        mlflow.log_artifacts(str(saved), "model_files")  # tokenizer + fine-tuning config beside the weights
+    version = mlflow.register_model(info.model_uri, name)
     return f"{name}/{version.version}"

@@ -86,3 +86,23 @@ def test_sweep_of_five_tricks_and_two_seeds_makes_parent_child_runs_table_plot_a
 def test_bad_sweep_configs_exit_2_naming_the_problem(override, message, capsys):
     assert sweep_main(["--config", SWEEP, "--set", override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_comparison_statistics_against_welchs_formula():
+    from scipy import stats
+
+    from suformer.tune import comparison
+
+    none, fgm = [0.70, 0.74, 0.72], [0.75, 0.79]
+    children = [{"trick": "none", "metrics": {"test/accuracy": v, "time/epoch_s": 2.0}} for v in none]
+    children += [{"trick": "fgm", "metrics": {"test/accuracy": v, "time/epoch_s": 4.0}} for v in fgm]
+    children += [{"trick": "stopped-early", "metrics": {"dev/accuracy": 0.6}}]  # no test score: left out
+    rows = {r["trick"]: r for r in comparison(children, "test/accuracy")}
+    assert set(rows) == {"none", "fgm"}
+    assert rows["fgm"]["mean"] == pytest.approx(0.77) and rows["fgm"]["std"] == pytest.approx(0.0282842712)
+    assert rows["fgm"]["diff_vs_none"] == pytest.approx(0.77 - 0.72)
+    var_a, var_b = 0.0008 / 2, 0.0008 / 2 / 3  # sample variance / n: fgm (n=2), none (n=3)
+    t = (0.77 - 0.72) / (var_a + var_b) ** 0.5
+    dof = (var_a + var_b) ** 2 / (var_a**2 / 1 + var_b**2 / 2)
+    assert rows["fgm"]["p_value"] == pytest.approx(2 * stats.t.sf(t, dof), rel=1e-6)
+    assert rows["fgm"]["epoch_time_s"] == 4.0 and rows["none"]["runs"] == 3
