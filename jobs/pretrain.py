@@ -7,20 +7,15 @@ Without a running cluster (no RAY_ADDRESS), the first form starts a local Ray in
 run.name resumes from its latest checkpoint and keeps logging into the same MLflow run.
 Exit status: 0 done, 2 bad config or input (nothing started), 1 training failed.
 """
-import argparse
 import os
 import sys
 
-from suformer.config import ConfigError, load_config
+from suformer.config import ConfigError, job_arguments, load_config
 from suformer.data.dataset import DataError, corpus_files, vocab_for_init
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/t5_pegasus_tiny_cpu.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.max_steps=200 (repeatable)")
-    args = parser.parse_args(argv)
+    args = job_arguments(__doc__, "jobs/configs/t5_pegasus_tiny_cpu.yaml", "train.max_steps=200", argv)
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.data.corpus != "peoples_daily":

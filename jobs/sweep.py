@@ -6,19 +6,14 @@
 Prints the comparison table (also on the parent run: comparison/comparison.md, .json, .png) and where to look.
 Exit status: 0 done, 2 bad config (nothing started), 1 a trial failed (the table covers the finished ones).
 """
-import argparse
 import os
 import sys
 
-from suformer.config import ConfigError, load_config
+from suformer.config import ConfigError, job_arguments, load_config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/sweep_sentiment_tiny_cpu.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set finetune.train.epochs=3 (repeatable)")
-    args = parser.parse_args(argv)
+    args = job_arguments(__doc__, "jobs/configs/sweep_sentiment_tiny_cpu.yaml", "finetune.train.epochs=3", argv)
     from suformer.tune import SweepConfig
 
     try:

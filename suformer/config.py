@@ -214,6 +214,17 @@ class FinetuneConfig(_Job):
     run: RunSection = RunSection(name="suformer-finetune", experiment="suformer-finetune")
 
 
+def job_arguments(description: str, default_config: str, example: str, argv=None):
+    """The command line every job shares: --config FILE and repeatable --set key=value overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=default_config)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example} (repeatable)")
+    return parser.parse_args(argv)
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=200")

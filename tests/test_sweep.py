@@ -106,3 +106,12 @@ def test_comparison_statistics_against_welchs_formula():
     dof = (var_a + var_b) ** 2 / (var_a**2 / 1 + var_b**2 / 2)
     assert rows["fgm"]["p_value"] == pytest.approx(2 * stats.t.sf(t, dof), rel=1e-6)
     assert rows["fgm"]["epoch_time_s"] == 4.0 and rows["none"]["runs"] == 3
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("sweep_*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweep_configs_validate(path):
+    from suformer.tune import SweepConfig, trial_config
+
+    sweep = load_config(str(path), schema=SweepConfig)
+    for trick in sweep.tricks:
+        assert trial_config(sweep, trick, sweep.seeds[-1], {}).train.seed == sweep.seeds[-1]
