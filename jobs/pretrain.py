@@ -10,8 +10,9 @@ Exit status: 0 done, 2 bad config or input (nothing started), 1 training failed.
 import os
 import sys
 
-from suformer.config import ConfigError, job_arguments, load_config
+from suformer.config import RESUBMIT_MUTABLE, ConfigError, job_arguments, load_config
 from suformer.data.dataset import DataError, corpus_files, vocab_for_init
+from suformer.tracking import changed_settings, recorded_params
 
 
 def main(argv=None) -> int:
@@ -22,6 +23,11 @@ def main(argv=None) -> int:
             corpus_files(cfg.data.corpus)
         if cfg.model.init_from:
             vocab_for_init(cfg.model.init_from, cfg.data.vocab)
+        changed = changed_settings(recorded_params(cfg.tracking_uri, cfg.run.experiment, cfg.run.name), cfg.flat(),
+                                   RESUBMIT_MUTABLE)
+        if changed:
+            raise ConfigError(f"run.name {cfg.run.name!r} already exists with other values for {', '.join(changed)}: "
+                              "resubmit with its settings to resume it, or choose a new run.name")
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -111,6 +111,16 @@ class RunSection(_Strict):
     tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite under `root`
 
 
+# Settings a resubmitted run may change: they do not alter what was trained so far. (The NaN policy among them:
+# a run stopped by a non-finite loss can be resubmitted with train.nonfinite_loss=skip to get past it; the shard
+# location follows run.root.)
+RESUBMIT_MUTABLE = frozenset({
+    "train.max_steps", "train.max_failures", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.samples_to_log", "train.nonfinite_loss", "train.max_nonfinite_skips", "run.root", "run.tracking_uri",
+    "data.shards",
+})
+
+
 class _Job(_Strict):
     """What every job config derives the same way: where its run lives and how MLflow sees it."""
 

@@ -7,6 +7,7 @@ steps leaves each step once in the history.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional
 
 RUN_NAME_TAG = "suformer.run_name"
@@ -75,14 +76,31 @@ def log_params(tracking_uri: str, run_id: str, params: dict, mutable: frozenset 
     client = _client(tracking_uri)
     existing = client.get_run(run_id).data.params
     new = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
-    changed = {k for k, v in params.items()
-               if k in existing and k not in mutable and existing[k] != str(v)[:6000]}
+    changed = changed_settings(existing, params, mutable)
     if changed:
-        raise ValueError(f"run already exists with different settings for: {', '.join(sorted(changed))}; "
+        raise ValueError(f"run already exists with different settings for: {', '.join(changed)}; "
                          "use a new run.name or the original settings")
     items = [Param(k, v) for k, v in new.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def changed_settings(existing: dict[str, str], params: dict, mutable: frozenset = frozenset()) -> list[str]:
+    """Keys whose value differs from what the run recorded (MLflow params cannot change), mutable ones aside."""
+    return sorted(k for k, v in params.items() if k in existing and k not in mutable and existing[k] != str(v)[:6000])
+
+
+def recorded_params(tracking_uri: str, experiment: str, run_name: str) -> dict[str, str]:
+    """The params of the newest run named `run_name` ({} if there is none yet), changing nothing."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return {}
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].data.params if found else {}
 
 
 def log_counts(tracking_uri: str, run_id: str, counts: dict[str, int], prefix: str) -> None:

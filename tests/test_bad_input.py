@@ -136,3 +136,28 @@ def test_vocab_is_built_without_the_documents_training_skips(tmp_path):
     data = DataSection(corpus=str(corpus), vocab_size=200, max_document_chars=50, objective="mlm")
     vocab = load_vocab(ensure_vocab(data, tmp_path))
     assert "天" in vocab and "龘" not in vocab
+
+
+def test_resubmitting_a_run_name_with_other_settings_exits_2_before_anything_starts(tmp_path, capsys):
+    """MLflow params cannot change: a resubmission that would train differently is refused up front, naming the
+    keys; settings that only extend or watch the run (max_steps, ...) may change."""
+    from suformer import tracking
+    from suformer.config import RESUBMIT_MUTABLE, load_config
+
+    config = "jobs/configs/t5_pegasus_tiny_cpu.yaml"
+    sets = [f"run.root={tmp_path}", "run.name=taken"]
+    cfg = load_config(config, sets)
+    run_id, _ = tracking.open_run(cfg.tracking_uri, cfg.run.experiment, cfg.run.name)
+    tracking.log_params(cfg.tracking_uri, run_id, cfg.flat())
+    tracking.finish_run(cfg.tracking_uri, run_id)
+
+    args = ["--config", config] + [a for s in sets + ["train.lr=0.5", "train.max_steps=999"] for a in ("--set", s)]
+    assert pretrain_main()(args) == 2
+    err = capsys.readouterr().err
+    assert "run.name 'taken' already exists with other values for train.lr:" in err and "max_steps" not in err
+    recorded = tracking.recorded_params(cfg.tracking_uri, cfg.run.experiment, cfg.run.name)
+    longer = load_config(config, sets + ["train.max_steps=999"])
+    assert tracking.changed_settings(recorded, longer.flat(), RESUBMIT_MUTABLE) == []
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(cfg.tracking_uri).get_run(run_id).info.status == "FINISHED"  # untouched

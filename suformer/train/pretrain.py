@@ -16,18 +16,11 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ..config import PretrainConfig
+from ..config import RESUBMIT_MUTABLE, PretrainConfig
 from ..data.dataset import READY, DataError, ensure_vocab, prepare_shards, shard_files
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config
 from .loop import CHECKPOINT_TAG, STOPPED_TAG, build, train_loop_per_worker
-
-# Settings a resubmitted run may change: they do not alter what was trained so far. (The NaN policy among them:
-# a run stopped by a non-finite loss can be resubmitted with train.nonfinite_loss=skip to get past it.)
-MUTABLE_PARAMS = {"train.max_steps", "train.max_failures", "train.log_every", "train.checkpoint_every",
-                  "train.keep_checkpoints", "train.samples_to_log", "train.nonfinite_loss",
-                  "train.max_nonfinite_skips", "run.root", "run.tracking_uri"}
-
 
 class TrainingStopped(RuntimeError):
     """The workers stopped the run on purpose (a non-finite loss); the latest checkpoint is the last good state."""
@@ -137,7 +130,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
                                         tags={"model.family": cfg.model.family, "data.objective": cfg.data.objective})
     tracking.log_params(uri, run_id, {k: v for k, v in {**cfg.flat(), "data.shards": str(shards),
                                                          "data.examples": stats["examples"]}.items()},
-                        mutable=MUTABLE_PARAMS)
+                        mutable=RESUBMIT_MUTABLE)
     # Documents, examples and what the data stage skipped or repaired (empty, over-long, NUL, invalid UTF-8).
     tracking.log_counts(uri, run_id, {k: v for k, v in stats.items() if isinstance(v, int)}, prefix="data/")
     with tempfile.TemporaryDirectory() as tmp:
