@@ -9,13 +9,11 @@ Exit status: 0 done, 2 bad config (nothing started), 1 a trial failed (the table
 import os
 import sys
 
-from suformer.config import ConfigError, job_arguments, load_config
+from suformer.config import ConfigError, SweepConfig, job_arguments, load_config
 
 
 def main(argv=None) -> int:
     args = job_arguments(__doc__, "jobs/configs/sweep_sentiment_tiny_cpu.yaml", "finetune.train.epochs=3", argv)
-    from suformer.tune import SweepConfig
-
     try:
         sweep = load_config(args.config, args.overrides, schema=SweepConfig)
     except ConfigError as e:

@@ -13,57 +13,10 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from .config import FinetuneConfig, SweepConfig
 
-from .config import FinetuneConfig, _Strict
-
-TRICK_TAG, SEED_TAG, PARENT_TAG = "suformer.trick", "suformer.seed", "mlflow.parentRunId"
-SAMPLERS = ("loguniform", "uniform", "choice", "randint")
-
-
-class SweepConfig(_Strict):
-    name: str = Field("sentiment-tricks", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    finetune: FinetuneConfig = FinetuneConfig()  # the base fine-tuning run every trial starts from
-    # trick name -> overrides of the `tricks` section; "none" (no override) is the baseline of the comparison
-    tricks: dict[str, dict] = {"none": {}}
-    seeds: list[int] = Field([0, 1], min_length=1)
-    # "section.key" of the fine-tuning config -> {"loguniform": [lo, hi]} | {"uniform": [lo, hi]} | {"choice": [...]} | {"randint": [lo, hi]}
-    search: dict[str, dict[str, list]] = {}
-    num_samples: int = Field(1, ge=1)  # hyperparameter samples per (trick, seed)
-    scheduler: Literal["fifo", "asha"] = "fifo"  # ASHA stops weak trials early (they then have no test score)
-    metric: str = "dev/accuracy"
-    compare_on: str = "test/accuracy"  # of the best-dev epoch
-    cpus_per_trial: float = Field(1.0, gt=0)
-    max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: the cluster's CPUs / cpus_per_trial
-    register_as: Optional[str] = "suformer-sentiment-classifier"  # registry name of the best-dev model
-
-    @field_validator("tricks")
-    @classmethod
-    def _tricks_valid(cls, tricks):
-        if "none" not in tricks:
-            raise ValueError("must include 'none' (the baseline every trick is compared with)")
-        for name, overrides in tricks.items():
-            try:
-                FinetuneConfig.model_validate({"tricks": overrides})
-            except Exception as e:  # noqa: BLE001 - re-raised with the trick named
-                raise ValueError(f"trick {name!r}: {e}") from None
-        return tricks
-
-    @field_validator("search")
-    @classmethod
-    def _search_valid(cls, search):
-        for key, spec in search.items():
-            section, _, field = key.partition(".")
-            known = FinetuneConfig.model_fields.get(section)
-            if known is None or field not in known.annotation.model_fields:
-                raise ValueError(f"{key}: not a fine-tuning setting (use section.key, e.g. train.lr)")
-            if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-                raise ValueError(f"{key}: expected one of {SAMPLERS} with its arguments, got {spec}")
-        return search
-
-
+TRICK_TAG, SEED_TAG = "suformer.trick", "suformer.seed"
 def trial_config(sweep: SweepConfig, trick: str, seed: int, sampled: dict) -> FinetuneConfig:
     """The base fine-tuning config with one trick, one seed and the sampled hyperparameters applied."""
     raw = sweep.finetune.model_dump()

@@ -25,7 +25,8 @@ def _small(root):
 def test_sweep_of_five_tricks_and_two_seeds_makes_parent_child_runs_table_plot_and_registers(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from suformer.tune import SweepConfig, run_sweep
+    from suformer.config import SweepConfig
+    from suformer.tune import run_sweep
 
     sweep = load_config(SWEEP, _small(tmp_path), schema=SweepConfig)
     result = run_sweep(sweep)
@@ -110,7 +111,8 @@ def test_comparison_statistics_against_welchs_formula():
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("sweep_*.yaml")), ids=lambda p: p.stem)
 def test_shipped_sweep_configs_validate(path):
-    from suformer.tune import SweepConfig, trial_config
+    from suformer.config import SweepConfig
+    from suformer.tune import trial_config
 
     sweep = load_config(str(path), schema=SweepConfig)
     for trick in sweep.tricks:
