@@ -243,6 +243,11 @@ class SweepConfig(_Strict):
     max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: the cluster's CPUs / cpus_per_trial
     register_as: Optional[str] = "suformer-sentiment-classifier"  # registry name of the best-dev model
 
+    @property
+    def trials_dir(self) -> Path:
+        """Where each trial keeps its best model (under the fine-tuning run root, a shared filesystem)."""
+        return Path(self.finetune.run.root).expanduser().resolve() / self.name / "trials"
+
     @field_validator("tricks")
     @classmethod
     def _tricks_valid(cls, tricks):

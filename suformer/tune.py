@@ -55,7 +55,7 @@ def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise
-    saved = cfg.run_dir.parent / sweep.name / "trials" / run_id
+    saved = sweep.trials_dir / run_id
     saved.mkdir(parents=True, exist_ok=True)
     torch.save(out["model"].state_dict(), saved / "model.pt")
     out["tokenizer"].save_pretrained(saved)
@@ -181,7 +181,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
     registered = None
     if sweep.register_as and finished:
         best = max(finished, key=lambda c: c["metrics"].get(f"best_{sweep.metric}", float("-inf")))
-        registered = _register(uri, best["run_id"], root / sweep.name / "trials" / best["run_id"], sweep.register_as)
+        registered = _register(uri, best["run_id"], sweep.trials_dir / best["run_id"], sweep.register_as)
         tracking.set_tag(uri, parent_id, "suformer.best_child", best["run_id"])
     tracking.finish_run(uri, parent_id, "FINISHED" if not grid.errors else "FAILED")
     return {"parent_run_id": parent_id, "rows": rows, "table": table, "children": len(children),

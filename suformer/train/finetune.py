@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
 import random
 import resource
 import time
@@ -38,7 +39,7 @@ def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
     path = Path(cfg.run.root).expanduser() / "vocab" / f"finetune-{key}" / "vocab.txt"
     if not path.exists():  # written once, atomically: concurrent trials share it
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{random.getrandbits(32)}.partial")
+        partial = path.with_suffix(f".{os.getpid()}.partial")
         write_vocab(build_vocab(train_texts, cfg.data.vocab_size, words=False), partial)
         partial.replace(path)
     return Tokenizer(path, pre_tokenize=None)
@@ -103,7 +104,10 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     splits = sentiment_splits(cfg.data.split_seed)
     train_rows = splits["train"][: cfg.data.max_train_examples]
     tokenizer = _tokenizer(cfg, [text for text, _ in train_rows])
-    encode = lambda rows: [(tokenizer.encode(text, cfg.data.max_len), label) for text, label in rows]  # noqa: E731
+
+    def encode(rows):
+        return [(tokenizer.encode(text, cfg.data.max_len), label) for text, label in rows]
+
     train = encode(train_rows)
     dev = encode(splits["dev"][: cfg.data.max_eval_examples])
     test = encode(splits["test"][: cfg.data.max_eval_examples])
