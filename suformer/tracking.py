@@ -19,6 +19,12 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def _newest_run_named(client, experiment_id: str, run_name: str):
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
 def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[dict] = None,
              artifact_location: Optional[str] = None, resume: bool = True) -> tuple[str, bool]:
     """(run id, resumed): the newest run tagged with `run_name` in `experiment` (when `resume`), else a new one.
@@ -28,10 +34,9 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[d
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
-    found = resume and client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                                          order_by=["attributes.start_time DESC"], max_results=1)
+    found = _newest_run_named(client, exp_id, run_name) if resume else None
     if found:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
@@ -98,9 +103,8 @@ def recorded_params(tracking_uri: str, experiment: str, run_name: str) -> dict[s
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    return found[0].data.params if found else {}
+    found = _newest_run_named(client, exp.experiment_id, run_name)
+    return found.data.params if found else {}
 
 
 def log_counts(tracking_uri: str, run_id: str, counts: dict[str, int], prefix: str) -> None:

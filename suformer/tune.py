@@ -17,6 +17,8 @@ from pathlib import Path
 from .config import FinetuneConfig, SweepConfig
 
 TRICK_TAG, SEED_TAG = "suformer.trick", "suformer.seed"
+
+
 def trial_config(sweep: SweepConfig, trick: str, seed: int, sampled: dict) -> FinetuneConfig:
     """The base fine-tuning config with one trick, one seed and the sampled hyperparameters applied."""
     raw = sweep.finetune.model_dump()
