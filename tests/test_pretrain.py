@@ -92,6 +92,19 @@ def _wait_for_step(cfg, step, timeout=300):
     raise TimeoutError(f"step {step} of {cfg.run.name} was never logged")
 
 
+def _wait_for_registered_checkpoint(cfg, timeout=120):
+    """Until Ray Train's checkpoint manager has recorded a checkpoint in its snapshot (what a resubmission restores
+    from). A worker's report reaches the controller on its next poll, which on a loaded machine can trail the
+    step logged to MLflow by seconds."""
+    snapshot = Path(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if snapshot.exists() and "step-000000" in snapshot.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint of {cfg.run.name} was registered in {snapshot}")
+
+
 def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, tmp_path):
     """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster. The first
     submission's driver is SIGKILLed mid-run (its Train controller and workers die with it); submitting the same
@@ -110,6 +123,7 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, tmp_pa
     job_id = re.search(r"raysubmit_\w+", first.stdout).group(0)
     jobs = JobSubmissionClient(ray_cluster.dashboard)
     _wait_for_step(cfg, 15)
+    _wait_for_registered_checkpoint(cfg)
     os.kill(int(jobs.get_job_info(job_id).driver_info.pid), signal.SIGKILL)
     deadline = time.time() + 60
     while not jobs.get_job_status(job_id).is_terminal() and time.time() < deadline:
