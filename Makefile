@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test pretrain sweep bench clean
+.PHONY: setup test pretrain finetune sweep bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ test: setup
 
 pretrain: setup
 	$(BIN)/python jobs/pretrain.py --config jobs/configs/t5_pegasus_tiny_cpu.yaml
+
+finetune: setup
+	$(BIN)/python jobs/finetune.py --config jobs/configs/finetune_ner_tiny_cpu.yaml
 
 sweep: setup
 	$(BIN)/python jobs/sweep.py --config jobs/configs/sweep_sentiment_tiny_cpu.yaml

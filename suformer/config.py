@@ -164,21 +164,30 @@ class PretrainConfig(_Job):
 
 
 class FinetuneModelSection(_Strict):
-    family: Literal["roformer_v2"] = "roformer_v2"
+    family: Literal["roformer_v2", "t5_pegasus"] = "roformer_v2"  # must be the task's (TASK_FAMILY)
     preset: str = "tiny"
-    init_from: Optional[str] = None  # a save_pretrained RoFormerV2 (e.g. a pretraining run's export)
+    init_from: Optional[str] = None  # a save_pretrained model of the family (e.g. a pretraining run's export)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)  # Su uses 0.3 with R-Drop and SimCSE
     pooling: Literal["cls", "mean"] = "cls"
+    similarity_loss: Literal["cosent", "sbert"] = "cosent"  # similarity task: CoSENT or the Sentence-BERT baseline
     attention_backend: Optional[str] = None
 
 
+# The model family each fine-tuning task trains, and the tricks that only make sense for some tasks.
+TASK_FAMILY = {"sentiment": "roformer_v2", "similarity": "roformer_v2", "ner": "roformer_v2", "idiom": "t5_pegasus"}
+RDROP_TASKS = ("sentiment", "idiom")  # a KL between softmax outputs: class or token distributions
+SEQ2SEQ_TASKS = ("idiom",)
+
+
 class FinetuneDataSection(_Strict):
-    task: Literal["sentiment"] = "sentiment"
+    task: Literal["sentiment", "similarity", "ner", "idiom"] = "sentiment"
+    path: Optional[str] = None  # similarity: a senteval_cn folder (*.train.data, *.valid.data, *.test.data)
     split_seed: int = 0
     max_len: int = Field(64, ge=8)
     max_train_examples: Optional[int] = Field(None, gt=0)  # a fixed subsample (CPU runs)
     max_eval_examples: Optional[int] = Field(None, gt=0)
     vocab_size: int = Field(6000, gt=106)  # char vocab from the training texts when model.init_from is unset
+    num_beams: int = Field(1, ge=1)  # idiom: beam width of the constrained decoding
 
 
 class TricksSection(_Strict):
@@ -194,6 +203,8 @@ class TricksSection(_Strict):
     layerwise_lr_decay: Optional[float] = Field(None, gt=0, le=1)
     lora_r: int = Field(0, ge=0)  # 0 off; PEFT's default 8
     lora_alpha: int = Field(8, gt=0)
+    sparse_softmax_k: int = Field(0, ge=0)  # seq2seq: 0 off; bojone/SPACES uses 10 (fine-tuning only)
+    exposure_bias_replace: float = Field(0.0, ge=0, lt=1)  # seq2seq: 0 off; Su replaces 0.3 of half the samples
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -223,6 +234,25 @@ class FinetuneConfig(_Job):
     train: FinetuneTrainSection = FinetuneTrainSection()
     run: RunSection = RunSection(name="suformer-finetune", experiment="suformer-finetune")
 
+    @model_validator(mode="after")
+    def _fits_task(self):
+        task, tricks = self.data.task, self.tricks
+        if self.model.family != TASK_FAMILY[task]:
+            raise ValueError(f"data.task {task!r} fine-tunes {TASK_FAMILY[task]}, not model.family "
+                             f"{self.model.family!r}")
+        if task == "similarity" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
+            raise ValueError(f"data.path {self.data.path!r}: the similarity task needs a senteval_cn folder "
+                             "(*.train.data, *.valid.data, *.test.data)")
+        if tricks.rdrop_alpha and task not in RDROP_TASKS:
+            raise ValueError(f"tricks.rdrop_alpha: R-Drop's KL compares softmax outputs, which task {task!r} "
+                             f"does not have (use it with {list(RDROP_TASKS)})")
+        for key in ("sparse_softmax_k", "exposure_bias_replace"):
+            if getattr(tricks, key) and task not in SEQ2SEQ_TASKS:
+                raise ValueError(f"tricks.{key} is a seq2seq trick; task {task!r} has no decoder")
+        if tricks.sparse_softmax_k and tricks.rdrop_alpha:
+            raise ValueError("tricks.sparse_softmax_k and tricks.rdrop_alpha each replace the loss: pick one")
+        return self
+
 
 SWEEP_SAMPLERS = ("loguniform", "uniform", "choice", "randint")
 
@@ -248,17 +278,17 @@ class SweepConfig(_Strict):
         """Where each trial keeps its best model (under the fine-tuning run root, a shared filesystem)."""
         return Path(self.finetune.run.root).expanduser().resolve() / self.name / "trials"
 
-    @field_validator("tricks")
-    @classmethod
-    def _tricks_valid(cls, tricks):
-        if "none" not in tricks:
-            raise ValueError("must include 'none' (the baseline every trick is compared with)")
-        for name, overrides in tricks.items():
-            try:
-                FinetuneConfig.model_validate({"tricks": overrides})
+    @model_validator(mode="after")
+    def _tricks_valid(self):
+        if "none" not in self.tricks:
+            raise ValueError("tricks: must include 'none' (the baseline every trick is compared with)")
+        for name, overrides in self.tricks.items():
+            base = self.finetune.model_dump()
+            try:  # each trick on the sweep's own task and model
+                FinetuneConfig.model_validate({**base, "tricks": {**base["tricks"], **overrides}})
             except Exception as e:  # noqa: BLE001 - re-raised with the trick named
-                raise ValueError(f"trick {name!r}: {e}") from None
-        return tricks
+                raise ValueError(f"tricks.{name}: {e}") from None
+        return self
 
     @field_validator("search")
     @classmethod

@@ -81,12 +81,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def _constrain(logits: torch.Tensor, prefixes: torch.Tensor, allowed_fn, beams: int, eos: int) -> torch.Tensor:
+    """-inf outside `allowed_fn(batch_index, prefix)` for each row (an empty set allows only the end token), so
+    the softmax renormalises over the allowed tokens."""
+    allowed = torch.full_like(logits, float("-inf"))
+    for row, prefix in enumerate(prefixes.tolist()):
+        allowed[row, allowed_fn(row // beams, prefix) or [eos]] = 0.0
+    return logits + allowed
+
+
 def _sample_or_greedy(stepper, batch, *, max_new_tokens, eos, pad, min_new_tokens, do_sample, temperature, top_k,
-                      top_p, generator, device):
+                      top_p, generator, device, prefix_allowed_tokens_fn):
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out, tokens = [], None
     for step in range(max_new_tokens):
         logits = stepper(tokens)
+        if prefix_allowed_tokens_fn is not None:
+            prefixes = torch.stack(out, dim=1) if out else torch.empty(batch, 0, dtype=torch.long, device=device)
+            logits = _constrain(logits, prefixes, prefix_allowed_tokens_fn, 1, eos)
         if step < min_new_tokens:
             logits[:, eos] = float("-inf")
         if do_sample:
@@ -103,7 +115,8 @@ def _sample_or_greedy(stepper, batch, *, max_new_tokens, eos, pad, min_new_token
     return torch.stack(out, dim=1) if out else torch.empty(batch, 0, dtype=torch.long, device=device)
 
 
-def _beam_search(stepper, batch, num_beams, *, max_new_tokens, eos, pad, min_new_tokens, length_penalty, device):
+def _beam_search(stepper, batch, num_beams, *, max_new_tokens, eos, pad, min_new_tokens, length_penalty, device,
+                 prefix_allowed_tokens_fn):
     K = num_beams
     scores = torch.full((batch, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # every row starts from the same prompt: expand from beam 0 only
@@ -113,7 +126,10 @@ def _beam_search(stepper, batch, num_beams, *, max_new_tokens, eos, pad, min_new
     results: list[Optional[tuple[float, torch.Tensor]]] = [None] * batch
     tokens = None
     for step in range(max_new_tokens):
-        logprobs = stepper(tokens).log_softmax(dim=-1)
+        logits = stepper(tokens)
+        if prefix_allowed_tokens_fn is not None:
+            logits = _constrain(logits, seqs.flatten(0, 1), prefix_allowed_tokens_fn, K, eos)
+        logprobs = logits.log_softmax(dim=-1)
         if step < min_new_tokens:
             logprobs[:, eos] = float("-inf")
         vocab = logprobs.shape[-1]
@@ -161,7 +177,8 @@ def _beam_search(stepper, batch, num_beams, *, max_new_tokens, eos, pad, min_new
 
 @torch.no_grad()
 def _generate(stepper_factory, batch, device, *, eos, pad, max_new_tokens=32, num_beams=1, do_sample=False,
-              temperature=1.0, top_k=0, top_p=1.0, length_penalty=None, min_new_tokens=0, generator=None):
+              temperature=1.0, top_k=0, top_p=1.0, length_penalty=None, min_new_tokens=0, generator=None,
+              prefix_allowed_tokens_fn=None):
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError("num_beams and max_new_tokens must be >= 1")
     if num_beams > 1 and do_sample:
@@ -170,10 +187,12 @@ def _generate(stepper_factory, batch, device, *, eos, pad, max_new_tokens=32, nu
         return _beam_search(
             stepper_factory(num_beams), batch, num_beams, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
             min_new_tokens=min_new_tokens, length_penalty=length_penalty, device=device,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         )
     return _sample_or_greedy(
         stepper_factory(1), batch, max_new_tokens=max_new_tokens, eos=eos, pad=pad, min_new_tokens=min_new_tokens,
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, device=device,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )
 
 
@@ -181,7 +200,9 @@ def generate_seq2seq(model, input_ids, attention_mask=None, **options) -> torch.
     """T5 PEGASUS: generated ids [B, T] after the `[CLS]` start, ending with `[SEP]`, right-padded with [PAD].
 
     Options: max_new_tokens (32), num_beams (1), do_sample, temperature, top_k, top_p, length_penalty (None:
-    bert4keras semantics), min_new_tokens, generator (a torch.Generator for reproducible sampling).
+    bert4keras semantics), min_new_tokens, generator (a torch.Generator for reproducible sampling),
+    prefix_allowed_tokens_fn (as in transformers: `(batch_index, generated_ids) -> allowed next ids`, e.g. a
+    prefix tree's children for constrained decoding).
     """
     was_training = model.training
     model.eval()

@@ -40,11 +40,10 @@ def _sampler(spec: dict):
 
 def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
     """One Tune trial: a child MLflow run, the fine-tuning, the best model saved for registration."""
-    import torch
     from ray import tune
 
     from . import tracking
-    from .train.finetune import finetune
+    from .train.finetune import finetune, save_finetuned
 
     sweep = SweepConfig.model_validate_json(sweep_json)
     cfg = trial_config(sweep, config["trick"], config["seed"], config.get("search", {}))
@@ -57,11 +56,7 @@ def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise
-    saved = sweep.trials_dir / run_id
-    saved.mkdir(parents=True, exist_ok=True)
-    torch.save(out["model"].state_dict(), saved / "model.pt")
-    out["tokenizer"].save_pretrained(saved)
-    (saved / "finetune.json").write_text(cfg.model_dump_json(indent=2))
+    save_finetuned(out, cfg, sweep.trials_dir / run_id)
     tracking.finish_run(uri, run_id)
 
 
@@ -194,16 +189,10 @@ def run_sweep(sweep: SweepConfig) -> dict:
 def _register(uri: str, run_id: str, saved: Path, name: str) -> str:
     """Log the best trial's model (LoRA merged) on its child run and register it; returns 'name/version'."""
     import mlflow
-    import torch
 
-    from .train.finetune import build_classifier
+    from .train.finetune import load_finetuned
 
-    cfg = FinetuneConfig.model_validate_json((saved / "finetune.json").read_text())
-    plain = cfg.model_copy(update={"tricks": cfg.tricks.model_copy(update={"lora_r": 0})})
-    from .tokenizer import Tokenizer
-
-    model = build_classifier(plain, len(Tokenizer.from_pretrained(saved)))
-    model.load_state_dict(torch.load(saved / "model.pt", weights_only=True))
+    model, _, _ = load_finetuned(saved)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         # pickle: loading needs suformer importable (as the requirements say); pt2 would freeze the input shape

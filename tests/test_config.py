@@ -8,7 +8,7 @@ from suformer.config import load_config
 from suformer.train.deepspeed_config import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (REPO / "jobs" / "configs").glob("*.yaml") if not p.stem.startswith("sweep_"))
+CONFIGS = sorted(p for p in (REPO / "jobs" / "configs").glob("*.yaml") if not p.stem.startswith(("sweep_", "finetune_")))
 
 
 def pretrain_main():

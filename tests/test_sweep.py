@@ -79,7 +79,8 @@ def test_sweep_of_five_tricks_and_two_seeds_makes_parent_child_runs_table_plot_a
 
 @pytest.mark.parametrize("override,message", [
     ('tricks={"fgm": {"adversarial": "fgm"}}', "must include 'none'"),
-    ('tricks={"none": {}, "bad": {"lora_r": 8, "adversarial": "fgm"}}', "trick 'bad'"),
+    ('tricks={"none": {}, "bad": {"lora_r": 8, "adversarial": "fgm"}}', "tricks.bad: "),
+    ('tricks={"none": {}, "sparse": {"sparse_softmax_k": 10}}', "tricks.sparse: "),
     ('search={"train.lr": {"lognormal": [1, 2]}}', "expected one of"),
     ('search={"train.lrate": {"loguniform": [1, 2]}}', "not a fine-tuning setting"),
     ("finetune.tricks.ema_decay=1.5", "finetune.tricks.ema_decay"),

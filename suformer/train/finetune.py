@@ -1,8 +1,9 @@
 """Fine-tuning with tricks: one process, plain PyTorch, tracked in MLflow (a Ray Tune trial runs exactly this).
 
-Each epoch trains with the configured tricks, evaluates on dev (with the EMA weights when EMA is on), logs to
-MLflow and hands the metrics to `report` (Tune's). The best dev epoch's weights are kept and scored on test, as Su
-does ("best dev checkpoint, then test").
+Written once against the Task interface (tasks/base.py): sentiment classification, sentence-pair similarity, NER
+and idiom generation share the loop. Each epoch trains with the configured tricks, evaluates on dev (with the EMA
+weights when EMA is on), logs to MLflow and hands the metrics to `report` (Tune's). The best dev epoch's weights
+are kept and scored on test, as Su does ("best dev checkpoint, then test").
 """
 from __future__ import annotations
 
@@ -18,24 +19,28 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..config import FinetuneConfig
 from ..models import build_model, from_pretrained
-from ..tasks.classification import SequenceClassifier, classification_metrics
-from ..tasks.sentiment import LABELS, sentiment_splits
+from ..tasks import task_for
+from ..tasks.base import Task
 from ..tokenizer import Tokenizer, build_vocab, write_vocab
 from ..tricks.adversarial import fgm_backward, gradient_penalty, pgd_backward
 from ..tricks.child_tuning import ChildTuningD, ChildTuningF
 from ..tricks.ema import ema_model
+from ..tricks.exposure_bias import replace_decoder_inputs
 from ..tricks.layerwise_lr import layerwise_lr_groups
 from ..tricks.lora import apply_lora, trainable_parameters
 from ..tricks.rdrop import rdrop_loss, repeat_for_rdrop
+from ..tricks.sparse_softmax import sparse_softmax_cross_entropy
 
 
 def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
     if cfg.model.init_from:
         return Tokenizer.from_pretrained(cfg.model.init_from)
-    key = hashlib.sha256(f"{cfg.data.task}|{cfg.data.split_seed}|{cfg.data.vocab_size}".encode()).hexdigest()[:16]
+    d = cfg.data  # the vocab depends on exactly the training texts and its size
+    key = hashlib.sha256(f"{d.task}|{d.path}|{d.split_seed}|{d.max_train_examples}|{d.vocab_size}".encode()).hexdigest()[:16]
     path = Path(cfg.run.root).expanduser() / "vocab" / f"finetune-{key}" / "vocab.txt"
     if not path.exists():  # written once, atomically: concurrent trials share it
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,43 +50,29 @@ def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
     return Tokenizer(path, pre_tokenize=None)
 
 
-def _batches(rows: list[tuple[list[int], int]], batch_size: int, shuffle_seed: Optional[int] = None):
-    order = list(range(len(rows)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        chosen = [rows[i] for i in order[start:start + batch_size]]
-        longest = max(len(ids) for ids, _ in chosen)
-        ids = torch.zeros(len(chosen), longest, dtype=torch.long)
-        for i, (row, _) in enumerate(chosen):
-            ids[i, :len(row)] = torch.tensor(row)
-        yield {"input_ids": ids, "labels": torch.tensor([label for _, label in chosen])}
-
-
-def build_classifier(cfg: FinetuneConfig, vocab_size: int) -> torch.nn.Module:
+def build_model_for(cfg: FinetuneConfig, task: Task, vocab_size: int) -> torch.nn.Module:
+    """The task's model on a fresh or pretrained encoder, LoRA-wrapped when `tricks.lora_r` is set."""
     m = cfg.model
     # The gradient penalty differentiates through attention twice: only the reference backend can.
     backend = "reference" if cfg.tricks.adversarial == "gradient_penalty" else m.attention_backend
     overrides = {"dropout": m.dropout, **({"attention_backend": backend} if backend else {})}
     encoder = from_pretrained(m.init_from, **overrides) if m.init_from else \
         build_model(m.family, m.preset, vocab_size=vocab_size, **overrides)
-    model = SequenceClassifier(encoder, num_labels=len(LABELS), pooling=m.pooling, dropout=m.dropout)
+    model = task.head(encoder)
     if cfg.tricks.lora_r:
         model = apply_lora(model, m.family, r=cfg.tricks.lora_r, alpha=cfg.tricks.lora_alpha,
-                           trainable_modules=["classifier"])
+                           trainable_modules=task.head_modules or None)
     return model
 
 
 @torch.no_grad()
-def evaluate(model, rows, batch_size: int) -> dict[str, float]:
+def evaluate(task: Task, model, features, batch_size: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    predicted, labels = [], []
-    for batch in _batches(rows, batch_size):
-        predicted += model(input_ids=batch["input_ids"]).logits.argmax(-1).tolist()
-        labels += batch["labels"].tolist()
-    model.train(was_training)
-    return classification_metrics(predicted, labels)
+    try:
+        return task.evaluate(model, features, batch_size)
+    finally:
+        model.train(was_training)
 
 
 def _peak_memory_mb() -> float:
@@ -90,10 +81,30 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
+def save_finetuned(out: dict, cfg: FinetuneConfig, folder: Path) -> None:
+    """The best model's weights (LoRA merged), its tokenizer and the fine-tuning config, in one folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(out["model"].state_dict(), folder / "model.pt")
+    out["tokenizer"].save_pretrained(folder)
+    (folder / "finetune.json").write_text(cfg.model_dump_json(indent=2))
+
+
+def load_finetuned(folder: Path) -> tuple[torch.nn.Module, Tokenizer, FinetuneConfig]:
+    """What `save_finetuned` wrote, as a ready model (no LoRA wrapper: the adapters are merged)."""
+    cfg = FinetuneConfig.model_validate_json((folder / "finetune.json").read_text())
+    plain = cfg.model_copy(update={"tricks": cfg.tricks.model_copy(update={"lora_r": 0})})
+    tokenizer = Tokenizer.from_pretrained(folder)
+    model = build_model_for(plain, task_for(plain), len(tokenizer))
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    return model.eval(), tokenizer, cfg
+
+
 def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
-             report: Optional[Callable[[dict], None]] = None) -> dict:
+             report: Optional[Callable[[dict], None]] = None, splits: Optional[dict] = None,
+             progress: bool = False) -> dict:
     """Train, evaluate each epoch, test the best dev epoch. Metrics go to MLflow run `run_id` (if given) and to
-    `report`. Returns the final metrics and the best model (LoRA merged)."""
+    `report`. `splits`: the task's data when already read; `progress`: a bar with ETA per epoch. Returns the final
+    metrics and the best model (LoRA merged)."""
     from .. import tracking
 
     t, tricks = cfg.train, cfg.tricks
@@ -101,18 +112,15 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    splits = sentiment_splits(cfg.data.split_seed)
+    task = task_for(cfg)
+    splits = splits or task.splits()
     train_rows = splits["train"][: cfg.data.max_train_examples]
-    tokenizer = _tokenizer(cfg, [text for text, _ in train_rows])
+    tokenizer = _tokenizer(cfg, list(task.texts(train_rows)))
+    train = task.encode(train_rows, tokenizer)
+    dev = task.encode(splits["dev"][: cfg.data.max_eval_examples], tokenizer)
+    test = task.encode(splits["test"][: cfg.data.max_eval_examples], tokenizer)
 
-    def encode(rows):
-        return [(tokenizer.encode(text, cfg.data.max_len), label) for text, label in rows]
-
-    train = encode(train_rows)
-    dev = encode(splits["dev"][: cfg.data.max_eval_examples])
-    test = encode(splits["test"][: cfg.data.max_eval_examples])
-
-    model = build_classifier(cfg, len(tokenizer))
+    model = build_model_for(cfg, task, len(tokenizer))
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = layerwise_lr_groups(model, t.lr, tricks.layerwise_lr_decay, t.weight_decay) \
         if tricks.layerwise_lr_decay else [{"params": trainable, "lr": t.lr, "weight_decay": t.weight_decay}]
@@ -124,28 +132,39 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
         optimizer, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
 
-    embedding = None if tricks.lora_r else model.word_embeddings
+    embedding = None if tricks.lora_r else task.embedding(model)
     child = None
     if tricks.child_tuning == "F":
         child = ChildTuningF(trainable, tricks.child_tuning_p)
     elif tricks.child_tuning == "D":  # one pass over the training set first, counted in the first epoch's time
         child = ChildTuningD.from_fisher(
-            model, lambda: (model(**b).loss for b in _batches(train, t.batch_size)), tricks.child_tuning_p)
+            model, lambda: (model(**b).loss for b in task.batches(train, t.batch_size)), tricks.child_tuning_p)
     ema = ema_model(model, tricks.ema_decay) if tricks.ema_decay else None
+    replacement_rng = torch.Generator().manual_seed(t.seed)
 
     def loss_of(batch):
+        if tricks.exposure_bias_replace:  # seq2seq: the decoder reads a partly wrong prefix
+            batch = {**batch, "decoder_input_ids": replace_decoder_inputs(
+                model.shift_right(batch["labels"]), batch["labels"], token_prob=tricks.exposure_bias_replace,
+                generator=replacement_rng)}
         if tricks.rdrop_alpha:
             doubled = repeat_for_rdrop(batch)
-            return lambda: rdrop_loss(model(input_ids=doubled["input_ids"]).logits, doubled["labels"],
-                                      tricks.rdrop_alpha)
+            inputs = {k: v for k, v in doubled.items() if k != "labels"}
+            if "decoder_input_ids" not in inputs and task.family == "t5_pegasus":
+                inputs["decoder_input_ids"] = model.shift_right(doubled["labels"])
+            return lambda: rdrop_loss(model(**inputs).logits, doubled["labels"], tricks.rdrop_alpha)
+        if tricks.sparse_softmax_k:
+            return lambda: sparse_softmax_cross_entropy(model(**batch).logits, batch["labels"],
+                                                        tricks.sparse_softmax_k)
         return lambda: model(**batch).loss
 
-    logger = tracking.MetricLogger(cfg.tracking_uri, run_id, history_key="dev/accuracy") if run_id else None
-    best, best_state, metrics = -1.0, None, {}
+    logger = tracking.MetricLogger(cfg.tracking_uri, run_id, history_key=f"dev/{task.metric}") if run_id else None
+    best, best_state, metrics = -math.inf, None, {}
     model.train()
     for epoch in range(1, t.epochs + 1):
         started, losses = time.perf_counter(), []
-        for batch in _batches(train, t.batch_size, shuffle_seed=t.seed * 1000 + epoch):
+        for batch in tqdm(task.batches(train, t.batch_size, shuffle_seed=t.seed * 1000 + epoch), total=steps_per_epoch,
+                          desc=f"epoch {epoch}/{t.epochs}", disable=not progress, mininterval=5):
             optimizer.zero_grad(set_to_none=True)
             compute_loss = loss_of(batch)
             if tricks.adversarial == "fgm":
@@ -170,12 +189,12 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
             losses.append(loss.item())
         epoch_time = time.perf_counter() - started
         scored = ema.module if ema else model
-        dev_metrics = evaluate(scored, dev, t.batch_size)
-        metrics = {"epoch": epoch, "train/loss": float(np.mean(losses)), "dev/accuracy": dev_metrics["accuracy"],
-                   "dev/macro_f1": dev_metrics["macro_f1"], "time/epoch_s": epoch_time,
+        dev_metrics = evaluate(task, scored, dev, t.batch_size)
+        metrics = {"epoch": epoch, "train/loss": float(np.mean(losses)),
+                   **{f"dev/{k}": v for k, v in dev_metrics.items()}, "time/epoch_s": epoch_time,
                    "memory/peak_mb": _peak_memory_mb(), "params/trainable": trainable_parameters(model)}
-        if dev_metrics["accuracy"] > best:
-            best, best_state = dev_metrics["accuracy"], copy.deepcopy(scored.state_dict())
+        if dev_metrics[task.metric] > best:
+            best, best_state = dev_metrics[task.metric], copy.deepcopy(scored.state_dict())
         if logger:
             logger.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
         if report:
@@ -185,11 +204,9 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     final.load_state_dict(best_state)
     if tricks.lora_r:
         final = final.merge_and_unload()
-    test_metrics = evaluate(final, test, t.batch_size)
-    summary = {**metrics, "best_dev/accuracy": best, "test/accuracy": test_metrics["accuracy"],
-               "test/macro_f1": test_metrics["macro_f1"]}
+    tested = {f"test/{k}": v for k, v in evaluate(task, final, test, t.batch_size).items()}
+    summary = {**metrics, f"best_dev/{task.metric}": best, **tested}
     if logger:
-        logger.log(t.epochs, {k: summary[k] for k in ("best_dev/accuracy", "test/accuracy", "test/macro_f1")},
-                   replayed_steps="log")
+        logger.log(t.epochs, {k: summary[k] for k in (f"best_dev/{task.metric}", *tested)}, replayed_steps="log")
         logger.close()
     return {"metrics": summary, "model": final, "tokenizer": tokenizer}

@@ -1,0 +1,61 @@
+"""What the fine-tuning loop needs from a task: its splits, how rows become tensors, its model head, its metrics.
+
+`suformer.train.finetune` is written once against this interface; each task module (sentiment, similarity, ner,
+idiom) supplies one subclass, registered in `suformer.tasks.TASKS`.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+
+def pad(rows: list[list[int]], value: int = 0) -> torch.Tensor:
+    """Right-padded [N, longest] long tensor."""
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+class Task:
+    family = "roformer_v2"  # the model family it fine-tunes
+    metric = "accuracy"  # the dev metric that picks the best epoch (logged as dev/<metric>)
+    head_modules: list[str] = []  # modules trained in full next to LoRA adapters
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the FinetuneConfig
+
+    def splits(self) -> dict[str, list]:
+        """{"train", "dev", "test"}: raw examples."""
+        raise NotImplementedError
+
+    def texts(self, rows: list) -> Iterable[str]:
+        """The training texts a character vocabulary is built from (when no pretrained model is given)."""
+        raise NotImplementedError
+
+    def encode(self, rows: list, tokenizer) -> list:
+        raise NotImplementedError
+
+    def collate(self, features: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def head(self, encoder: nn.Module) -> nn.Module:
+        """The trainable model: encoder + task head; forward(**batch) returns an output with .loss and .logits."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, features: list, batch_size: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def embedding(self, model: nn.Module) -> torch.Tensor:
+        """The token-embedding matrix (what FGM, PGD and the gradient penalty perturb)."""
+        return model.word_embeddings
+
+    def batches(self, features: list, batch_size: int, shuffle_seed: Optional[int] = None) -> Iterator[dict]:
+        order = list(range(len(features)))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield self.collate([features[i] for i in order[start:start + batch_size]])
