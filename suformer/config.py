@@ -205,6 +205,8 @@ class TricksSection(_Strict):
     lora_alpha: int = Field(8, gt=0)
     sparse_softmax_k: int = Field(0, ge=0)  # seq2seq: 0 off; bojone/SPACES uses 10 (fine-tuning only)
     exposure_bias_replace: float = Field(0.0, ge=0, lt=1)  # seq2seq: 0 off; Su replaces 0.3 of half the samples
+    ptuning: Literal["none", "prompt", "full"] = "none"  # sentiment: Su's MLM template; "prompt" trains only it
+    simcse: bool = False  # similarity: unsupervised SimCSE on the sentences instead of the labelled pair loss
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -249,6 +251,12 @@ class FinetuneConfig(_Job):
         for key in ("sparse_softmax_k", "exposure_bias_replace"):
             if getattr(tricks, key) and task not in SEQ2SEQ_TASKS:
                 raise ValueError(f"tricks.{key} is a seq2seq trick; task {task!r} has no decoder")
+        if tricks.ptuning != "none" and task != "sentiment":
+            raise ValueError("tricks.ptuning casts classification as MLM at [MASK]: use it with data.task=sentiment")
+        if tricks.ptuning != "none" and tricks.lora_r:
+            raise ValueError("tricks.ptuning and tricks.lora_r both choose what trains: pick one")
+        if tricks.simcse and task != "similarity":
+            raise ValueError(f"tricks.simcse trains sentence embeddings: use it with data.task=similarity, not {task!r}")
         if tricks.sparse_softmax_k and tricks.rdrop_alpha:
             raise ValueError("tricks.sparse_softmax_k and tricks.rdrop_alpha each replace the loss: pick one")
         return self

@@ -38,6 +38,8 @@ def test_shipped_finetune_configs_validate(path, tmp_path):
     (["tricks.rdrop_alpha=4"], "R-Drop's KL compares softmax outputs, which task 'ner' does not have"),
     (["tricks.exposure_bias_replace=0.3"], "tricks.exposure_bias_replace is a seq2seq trick"),
     (["data.task=similarity"], "the similarity task needs a senteval_cn folder"),
+    (["tricks.ptuning=prompt"], "tricks.ptuning casts classification as MLM at [MASK]"),
+    (["tricks.simcse=true"], "tricks.simcse trains sentence embeddings: use it with data.task=similarity"),
     (["tricks.lora_r=8", "tricks.adversarial=fgm"], "LoRA (tricks.lora_r) freezes"),
     (["data.max_len=3"], "data.max_len: Input should be greater than or equal to 8"),
 ])

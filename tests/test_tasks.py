@@ -261,7 +261,7 @@ def test_cosent_loss_against_the_pairwise_sum():
     assert cosent_loss(labels / 2.5 - 1, labels).item() < 0.01
 
 
-def test_similarity_trains_with_cosent_and_sentence_bert(tmp_path):
+def test_similarity_trains_with_cosent_sentence_bert_and_unsupervised_simcse(tmp_path):
     from suformer.config import FinetuneConfig
     from suformer.train.finetune import finetune
 
@@ -270,9 +270,10 @@ def test_similarity_trains_with_cosent_and_sentence_bert(tmp_path):
         pairs = rows[split][:240]  # review pairs, similar when both have the same polarity
         (tmp_path / f"reviews.{name}.data").write_text("".join(
             f"{a}\t{b}\t{int(ya == yb)}\n" for (a, ya), (b, yb) in zip(pairs[0::2], pairs[1::2])), encoding="utf-8")
-    for loss in ("cosent", "sbert"):
+    for loss, simcse in (("cosent", False), ("sbert", False), ("cosent", True)):
         cfg = FinetuneConfig.model_validate({
             "model": {"similarity_loss": loss}, "data": {"task": "similarity", "path": str(tmp_path)},
+            "tricks": {"simcse": simcse},
             "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "threads": 2}, "run": {"root": str(tmp_path)}})
         epochs = []
         out = finetune(cfg, report=epochs.append)

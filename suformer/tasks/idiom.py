@@ -93,23 +93,22 @@ class IdiomTask(Task):
     metric = "accuracy"
 
     def splits(self):
-        splits = idiom_splits(self.cfg.data.split_seed)
-        self.idioms = sorted({idiom for rows in splits.values() for _, idiom in rows})
-        return splits
+        return idiom_splits(self.cfg.data.split_seed)
 
     def texts(self, rows):
         return [text for pair in rows for text in pair]
 
     def encode(self, rows, tokenizer):
-        if not hasattr(self, "trie"):  # every idiom as `chars [SEP]`, the way the decoder writes it
+        if not hasattr(self, "trie"):  # the knowledge base: every idiom, as the decoder writes it (chars, [SEP])
             self.tokenizer = tokenizer
-            self.trie = TokenTrie((tokenizer.encode(i)[1:-1] for i in self.idioms), end=tokenizer.sep_id)
+            self.trie = TokenTrie((tokenizer.encode(idiom)[1:-1] for _, idiom in idiom_examples()),
+                                  end=tokenizer.sep_id)
         return [(tokenizer.encode(src, self.cfg.data.max_len), tokenizer.encode(tgt)[1:], tgt) for src, tgt in rows]
 
     def collate(self, features):
         return {"input_ids": pad([f[0] for f in features]), "labels": pad([f[1] for f in features], -100)}
 
-    def head(self, encoder):
+    def head(self, encoder, tokenizer):
         return encoder  # T5 PEGASUS is already a seq2seq model with its LM head
 
     def embedding(self, model):

@@ -181,7 +181,7 @@ class NERTask(Task):
                 labels[b, kind, start, end] = 1
         return {"input_ids": ids, "labels": labels}
 
-    def head(self, encoder):
+    def head(self, encoder, tokenizer):
         return GlobalPointerNER(encoder)
 
     @torch.no_grad()

@@ -140,7 +140,7 @@ class SimilarityTask(Task):
         return {"input_ids": pad([f[0] for f in features]), "pair_input_ids": pad([f[1] for f in features]),
                 "labels": torch.tensor([f[2] for f in features])}
 
-    def head(self, encoder):
+    def head(self, encoder, tokenizer):
         return SentencePairModel(encoder, self.cfg.model.similarity_loss, self.cfg.model.pooling)
 
     @torch.no_grad()

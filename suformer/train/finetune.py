@@ -33,6 +33,7 @@ from ..tricks.exposure_bias import replace_decoder_inputs
 from ..tricks.layerwise_lr import layerwise_lr_groups
 from ..tricks.lora import apply_lora, trainable_parameters
 from ..tricks.rdrop import rdrop_loss, repeat_for_rdrop
+from ..tricks.simcse import simcse_loss
 from ..tricks.sparse_softmax import sparse_softmax_cross_entropy
 
 
@@ -50,15 +51,15 @@ def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
     return Tokenizer(path, pre_tokenize=None)
 
 
-def build_model_for(cfg: FinetuneConfig, task: Task, vocab_size: int) -> torch.nn.Module:
+def build_model_for(cfg: FinetuneConfig, task: Task, tokenizer: Tokenizer) -> torch.nn.Module:
     """The task's model on a fresh or pretrained encoder, LoRA-wrapped when `tricks.lora_r` is set."""
     m = cfg.model
     # The gradient penalty differentiates through attention twice: only the reference backend can.
     backend = "reference" if cfg.tricks.adversarial == "gradient_penalty" else m.attention_backend
     overrides = {"dropout": m.dropout, **({"attention_backend": backend} if backend else {})}
     encoder = from_pretrained(m.init_from, **overrides) if m.init_from else \
-        build_model(m.family, m.preset, vocab_size=vocab_size, **overrides)
-    model = task.head(encoder)
+        build_model(m.family, m.preset, vocab_size=len(tokenizer), **overrides)
+    model = task.head(encoder, tokenizer)
     if cfg.tricks.lora_r:
         model = apply_lora(model, m.family, r=cfg.tricks.lora_r, alpha=cfg.tricks.lora_alpha,
                            trainable_modules=task.head_modules or None)
@@ -94,7 +95,7 @@ def load_finetuned(folder: Path) -> tuple[torch.nn.Module, Tokenizer, FinetuneCo
     cfg = FinetuneConfig.model_validate_json((folder / "finetune.json").read_text())
     plain = cfg.model_copy(update={"tricks": cfg.tricks.model_copy(update={"lora_r": 0})})
     tokenizer = Tokenizer.from_pretrained(folder)
-    model = build_model_for(plain, task_for(plain), len(tokenizer))
+    model = build_model_for(plain, task_for(plain), tokenizer)
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     return model.eval(), tokenizer, cfg
 
@@ -120,10 +121,12 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     dev = task.encode(splits["dev"][: cfg.data.max_eval_examples], tokenizer)
     test = task.encode(splits["test"][: cfg.data.max_eval_examples], tokenizer)
 
-    model = build_model_for(cfg, task, len(tokenizer))
+    model = build_model_for(cfg, task, tokenizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = layerwise_lr_groups(model, t.lr, tricks.layerwise_lr_decay, t.weight_decay) \
-        if tricks.layerwise_lr_decay else [{"params": trainable, "lr": t.lr, "weight_decay": t.weight_decay}]
+    # P-tuning's prompt-only mode trains 8 rows of the embedding matrix: weight decay would shrink all the others.
+    decay = 0.0 if tricks.ptuning == "prompt" else t.weight_decay
+    groups = layerwise_lr_groups(model, t.lr, tricks.layerwise_lr_decay, decay) \
+        if tricks.layerwise_lr_decay else [{"params": trainable, "lr": t.lr, "weight_decay": decay}]
     for group in groups:
         group.pop("names", None)
     optimizer = torch.optim.AdamW(groups)
@@ -153,6 +156,9 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
             if "decoder_input_ids" not in inputs and task.family == "t5_pegasus":
                 inputs["decoder_input_ids"] = model.shift_right(doubled["labels"])
             return lambda: rdrop_loss(model(**inputs).logits, doubled["labels"], tricks.rdrop_alpha)
+        if tricks.simcse:  # both sides of each pair as unlabelled sentences, each seen twice (two dropout masks)
+            return lambda: (simcse_loss(model.embed(batch["input_ids"].repeat_interleave(2, 0)))
+                            + simcse_loss(model.embed(batch["pair_input_ids"].repeat_interleave(2, 0)))) / 2
         if tricks.sparse_softmax_k:
             return lambda: sparse_softmax_cross_entropy(model(**batch).logits, batch["labels"],
                                                         tricks.sparse_softmax_k)

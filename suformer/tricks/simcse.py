@@ -1,0 +1,19 @@
+"""Unsupervised SimCSE (kexue.fm/archives/8348, Su's Chinese evaluation): each sentence passes the encoder twice,
+and the two dropout masks make two views; each view must pick its twin out of the batch by cosine similarity
+(cross-entropy over the similarities x 20, i.e. temperature 0.05, self-similarity excluded). No labels are used:
+the sentences alone train the encoder. Su uses dropout 0.3 (the default 0.1 is weaker on Chinese tasks)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.layers import at_least_fp32
+
+
+def simcse_loss(embeddings: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """`embeddings` [2B, H], rows 2i and 2i+1 the two views of sentence i (as `repeat_interleave(2)` makes them)."""
+    z = F.normalize(at_least_fp32(embeddings), dim=-1)
+    similarities = z @ z.T * scale
+    similarities = similarities.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    twins = torch.arange(len(z), device=z.device) ^ 1  # 0<->1, 2<->3, ...
+    return F.cross_entropy(similarities, twins)
