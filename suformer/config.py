@@ -227,6 +227,10 @@ class FinetuneTrainSection(_Strict):
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     threads: int = Field(1, ge=1)  # torch intra-op threads per run (one Tune trial per CPU)
+    # None: plain PyTorch. 0/1/2: a one-process DeepSpeed engine (ZeRO-1/2 with offload_optimizer keep the optimizer
+    # state in CPU memory on a GPU). ZeRO-3 is refused: it partitions the very parameters the tricks read.
+    zero_stage: Optional[Literal[0, 1, 2]] = None
+    offload_optimizer: bool = False
 
 
 class FinetuneConfig(_Job):
@@ -257,6 +261,15 @@ class FinetuneConfig(_Job):
             raise ValueError("tricks.ptuning and tricks.lora_r both choose what trains: pick one")
         if tricks.simcse and task != "similarity":
             raise ValueError(f"tricks.simcse trains sentence embeddings: use it with data.task=similarity, not {task!r}")
+        zero = self.train.zero_stage
+        if zero and tricks.child_tuning != "none":
+            raise ValueError(f"tricks.child_tuning masks gradients after backward; ZeRO-{zero} has already reduced "
+                             "them into its partitions by then: use train.zero_stage 0 or unset")
+        if zero is not None and tricks.adversarial != "none" and tricks.ptuning != "none":
+            raise ValueError("under a DeepSpeed engine the adversarial tricks run one backward, which P-tuning's "
+                             "tied MLM decoder cannot share with a perturbed embedding: drop one of them")
+        if self.train.offload_optimizer and not zero:
+            raise ValueError("train.offload_optimizer needs train.zero_stage 1 or 2")
         if tricks.sparse_softmax_k and tricks.rdrop_alpha:
             raise ValueError("tricks.sparse_softmax_k and tricks.rdrop_alpha each replace the loss: pick one")
         return self
@@ -278,6 +291,7 @@ class SweepConfig(_Strict):
     metric: str = "dev/accuracy"
     compare_on: str = "test/accuracy"  # of the best-dev epoch
     cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)  # e.g. 1, or 0.25 to pack four small trials on a GPU
     max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: the cluster's CPUs / cpus_per_trial
     register_as: Optional[str] = "suformer-sentiment-classifier"  # registry name of the best-dev model
 

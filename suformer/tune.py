@@ -147,11 +147,16 @@ def run_sweep(sweep: SweepConfig) -> dict:
     space = {"trick": tune.grid_search(list(sweep.tricks)), "seed": tune.grid_search(sweep.seeds)}
     if sweep.search:
         space["search"] = {key: _sampler(spec) for key, spec in sweep.search.items()}
-    concurrent = sweep.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_trial))
+    resources = ray.cluster_resources()
+    fits = resources.get("CPU", 1) // sweep.cpus_per_trial
+    if sweep.gpus_per_trial:
+        fits = min(fits, resources.get("GPU", 0) // sweep.gpus_per_trial)
+    concurrent = sweep.max_concurrent_trials or max(1, int(fits))
     scheduler = ASHAScheduler(time_attr="epoch", max_t=base.train.epochs, grace_period=1) \
         if sweep.scheduler == "asha" else FIFOScheduler()
     trainable = tune.with_resources(tune.with_parameters(_run_trial, sweep_json=sweep.model_dump_json(),
-                                                         parent_id=parent_id), {"cpu": sweep.cpus_per_trial})
+                                                         parent_id=parent_id),
+                                   {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,

@@ -24,6 +24,7 @@ class Task:
     family = "roformer_v2"  # the model family it fine-tunes
     metric = "accuracy"  # the dev metric that picks the best epoch (logged as dev/<metric>)
     head_modules: list[str] = []  # modules trained in full next to LoRA adapters
+    device = torch.device("cpu")  # where batches go (the fine-tuning loop sets the model's device)
 
     def __init__(self, cfg):
         self.cfg = cfg  # the FinetuneConfig
@@ -58,4 +59,5 @@ class Task:
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(order)
         for start in range(0, len(order), batch_size):
-            yield self.collate([features[i] for i in order[start:start + batch_size]])
+            batch = self.collate([features[i] for i in order[start:start + batch_size]])
+            yield {k: v.to(self.device) for k, v in batch.items()}

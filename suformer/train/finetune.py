@@ -82,6 +82,32 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
+def _deepspeed_engine(model, optimizer, schedule, t):
+    """A one-process DeepSpeed engine around the model, optimizer and schedule (a Tune trial is its own process,
+    so the process group is a group of one)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:  # a free port for the group's rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                           "WORLD_SIZE": "1"}.items():
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    config = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": 1,
+              "gradient_clipping": t.grad_clip, "zero_optimization": zero, "bf16": {"enabled": False},
+              "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    return engine
+
+
 def save_finetuned(out: dict, cfg: FinetuneConfig, folder: Path) -> None:
     """The best model's weights (LoRA merged), its tokenizer and the fine-tuning config, in one folder."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +147,9 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     dev = task.encode(splits["dev"][: cfg.data.max_eval_examples], tokenizer)
     test = task.encode(splits["test"][: cfg.data.max_eval_examples], tokenizer)
 
-    model = build_model_for(cfg, task, tokenizer)
+    # A GPU when the process sees one (Ray gives a trial the GPUs it reserved: sweep.gpus_per_trial).
+    task.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model_for(cfg, task, tokenizer).to(task.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # P-tuning's prompt-only mode trains 8 rows of the embedding matrix: weight decay would shrink all the others.
     decay = 0.0 if tricks.ptuning == "prompt" else t.weight_decay
@@ -144,6 +172,8 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
             model, lambda: (model(**b).loss for b in task.batches(train, t.batch_size)), tricks.child_tuning_p)
     ema = ema_model(model, tricks.ema_decay) if tricks.ema_decay else None
     replacement_rng = torch.Generator().manual_seed(t.seed)
+    engine = _deepspeed_engine(model, optimizer, schedule, t) if t.zero_stage is not None else None
+    backward = engine.backward if engine else torch.Tensor.backward
 
     def loss_of(batch):
         if tricks.exposure_bias_replace:  # seq2seq: the decoder reads a partly wrong prefix
@@ -174,22 +204,26 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
             optimizer.zero_grad(set_to_none=True)
             compute_loss = loss_of(batch)
             if tricks.adversarial == "fgm":
-                loss, _ = fgm_backward(compute_loss, embedding, tricks.adversarial_epsilon)
+                loss, _ = fgm_backward(compute_loss, embedding, tricks.adversarial_epsilon, backward,
+                                       one_backward=engine is not None)
             elif tricks.adversarial == "pgd":
                 loss, _ = pgd_backward(compute_loss, embedding, trainable, tricks.adversarial_epsilon,
-                                       tricks.pgd_alpha, tricks.pgd_steps)
+                                       tricks.pgd_alpha, tricks.pgd_steps, backward, one_backward=engine is not None)
             elif tricks.adversarial == "gradient_penalty":
                 loss = gradient_penalty(compute_loss(), embedding, tricks.adversarial_epsilon)
-                loss.backward()
+                backward(loss)
             else:
                 loss = compute_loss()
-                loss.backward()
+                backward(loss)
             if child:
                 child.mask_gradients()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
-            optimizer.step()
-            schedule.step()
+            if engine:  # clipping, the optimizer and the schedule, as configured in _deepspeed_engine
+                engine.step()
+            else:
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
+                optimizer.step()
+                schedule.step()
             if ema:
                 ema.update_parameters(model)
             losses.append(loss.item())

@@ -5,6 +5,11 @@ passes per step) and the embedding matrix is restored before the optimizer step.
 adversarial gradient; with the clean one kept, epsilon -> 0 recovers plain training. The matrix is restored from a
 copy, not by subtracting the perturbation, so it comes back bit for bit.
 
+With `one_backward=True` the directions come from `torch.autograd.grad` (no parameter gradients touched) and a
+single backward of clean + adversarial loss at the end leaves the same gradients. That is the form a DeepSpeed
+ZeRO engine can run: ZeRO-1/2 reduce gradients inside backward and treat every backward as a step boundary, so a
+second backward per step would discard the first. It costs one extra backward pass to the embedding.
+
 No library implements these for text embeddings (torchattacks and advertorch attack images, textattack swaps words).
 """
 from __future__ import annotations
@@ -23,33 +28,47 @@ def _unit(grad: torch.Tensor) -> torch.Tensor | None:
     return grad / norm
 
 
+def _embedding_grad(loss: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    (grad,) = torch.autograd.grad(loss, embedding, retain_graph=True)
+    return grad
+
+
 def fgm_backward(compute_loss: LossFn, embedding: torch.Tensor, epsilon: float = 1.0,
-                 backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
+                 backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+                 one_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean backward, then E += epsilon * g / ||g||, adversarial backward, E restored. Returns both losses.
 
     `backward` lets a DeepSpeed engine's backward stand in for loss.backward()."""
     loss = compute_loss()
-    backward(loss)
-    direction = _unit(embedding.grad)
+    if one_backward:
+        direction = _unit(_embedding_grad(loss, embedding))
+    else:
+        backward(loss)
+        direction = _unit(embedding.grad)
     if direction is None:  # nothing to perturb along: the adversarial loss is the clean one
+        if one_backward:
+            backward(loss)
         return loss, loss.detach()
     saved = embedding.detach().clone()
     with torch.no_grad():
         embedding.add_(epsilon * direction)
     adversarial = compute_loss()
-    backward(adversarial)
-    with torch.no_grad():
+    with torch.no_grad():  # the adversarial graph holds its own copy of the perturbed rows it gathered
         embedding.copy_(saved)
+    backward(loss + adversarial if one_backward else adversarial)
     return loss, adversarial
 
 
 def pgd_backward(compute_loss: LossFn, embedding: torch.Tensor, params: list[torch.Tensor], epsilon: float = 1.0,
                  alpha: float = 0.3, steps: int = 3,
-                 backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> tuple[torch.Tensor, torch.Tensor]:
+                 backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+                 one_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected gradient descent (bert4torch defaults K=3, alpha=0.3, epsilon=1): `steps` ascent steps of size
     alpha along the normalised gradient, each projected back into the Frobenius ball of radius epsilon around the
     clean embedding. Intermediate gradients are discarded; the clean gradient plus the last step's adversarial
     gradient remain in `params`' .grad. Returns (clean loss, last adversarial loss)."""
+    if one_backward:
+        return _pgd_one_backward(compute_loss, embedding, epsilon, alpha, steps, backward)
     loss = compute_loss()
     backward(loss)
     clean_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
@@ -75,6 +94,33 @@ def pgd_backward(compute_loss: LossFn, embedding: torch.Tensor, params: list[tor
         backward(adversarial)
     with torch.no_grad():
         embedding.copy_(saved)
+    return loss, adversarial
+
+
+def _pgd_one_backward(compute_loss, embedding, epsilon, alpha, steps, backward):
+    loss = compute_loss()
+    grad = _embedding_grad(loss, embedding)
+    saved = embedding.detach().clone()
+    adversarial = None
+    for step in range(steps):
+        direction = _unit(grad)
+        if direction is None:
+            break
+        with torch.no_grad():
+            delta = embedding + alpha * direction - saved
+            norm = delta.norm()
+            if norm > epsilon:
+                delta *= epsilon / norm
+            embedding.copy_(saved + delta)
+        adversarial = compute_loss()
+        if step < steps - 1:
+            grad = torch.autograd.grad(adversarial, embedding)[0]
+    with torch.no_grad():
+        embedding.copy_(saved)
+    if adversarial is None:
+        backward(loss)
+        return loss, loss.detach()
+    backward(loss + adversarial)
     return loss, adversarial
 
 
