@@ -287,6 +287,9 @@ class SweepConfig(_Strict):
     # "section.key" of the fine-tuning config -> {"loguniform": [lo, hi]} | {"uniform": [lo, hi]} | {"choice": [...]} | {"randint": [lo, hi]}
     search: dict[str, dict[str, list]] = {}
     num_samples: int = Field(1, ge=1)  # hyperparameter samples per (trick, seed)
+    # random: Tune samples `search` independently per trial. optuna: TPE proposes each trial's hyperparameters from
+    # the results so far, while tricks and seeds still take turns (a balanced comparison).
+    search_alg: Literal["random", "optuna"] = "random"
     scheduler: Literal["fifo", "asha"] = "fifo"  # ASHA stops weak trials early (they then have no test score)
     metric: str = "dev/accuracy"
     compare_on: str = "test/accuracy"  # of the best-dev epoch
@@ -310,6 +313,12 @@ class SweepConfig(_Strict):
                 FinetuneConfig.model_validate({**base, "tricks": {**base["tricks"], **overrides}})
             except Exception as e:  # noqa: BLE001 - re-raised with the trick named
                 raise ValueError(f"tricks.{name}: {e}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _optuna_has_a_space(self):
+        if self.search_alg == "optuna" and not self.search:
+            raise ValueError("search_alg: optuna needs hyperparameters to search (the `search` section is empty)")
         return self
 
     @field_validator("search")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import FinetuneConfig, SweepConfig
 
-TRICK_TAG, SEED_TAG = "suformer.trick", "suformer.seed"
+TRICK_TAG, SEED_TAG, STOPPED_EARLY_TAG = "suformer.trick", "suformer.seed", "suformer.stopped_early"
 
 
 def trial_config(sweep: SweepConfig, trick: str, seed: int, sampled: dict) -> FinetuneConfig:
@@ -38,6 +38,27 @@ def _sampler(spec: dict):
         if kind != "choice" else tune.choice(args)
 
 
+class _OptunaSpace:
+    """Optuna's TPE proposes the `search` hyperparameters of each trial (define-by-run); the trick and seed are
+    constants assigned by trial number, so every (trick, seed) pair gets `num_samples` trials as in the grid. TPE
+    thus looks for hyperparameters that do well across tricks. (A class, not a closure: Tune pickles it.)"""
+
+    def __init__(self, sweep: SweepConfig):
+        self.search, self.tricks, self.seeds = sweep.search, list(sweep.tricks), sweep.seeds
+
+    def __call__(self, trial) -> dict:
+        for key, spec in self.search.items():
+            kind, args = next(iter(spec.items()))
+            if kind == "choice":
+                trial.suggest_categorical(key, args)
+            elif kind == "randint":  # Tune's randint excludes the upper bound, Optuna's includes it
+                trial.suggest_int(key, args[0], args[1] - 1)
+            else:
+                trial.suggest_float(key, args[0], args[1], log=kind == "loguniform")
+        n = trial.number
+        return {"trick": self.tricks[n % len(self.tricks)], "seed": self.seeds[(n // len(self.tricks)) % len(self.seeds)]}
+
+
 def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
     """One Tune trial: a child MLflow run, the fine-tuning, the best model saved for registration."""
     from ray import tune
@@ -46,13 +67,18 @@ def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
     from .train.finetune import finetune, save_finetuned
 
     sweep = SweepConfig.model_validate_json(sweep_json)
-    cfg = trial_config(sweep, config["trick"], config["seed"], config.get("search", {}))
+    sampled = config.get("search") or {k: v for k, v in config.items() if k in sweep.search}  # random | optuna
+    cfg = trial_config(sweep, config["trick"], config["seed"], sampled)
     uri = cfg.tracking_uri
     run_id = tracking.create_child_run(uri, cfg.run.experiment, parent_id, f"{config['trick']}-seed{config['seed']}",
                                        tags={TRICK_TAG: config["trick"], SEED_TAG: str(config["seed"])})
     tracking.log_params(uri, run_id, {**cfg.flat(), "sweep.trick": config["trick"]})
     try:
         out = finetune(cfg, run_id, report=tune.report)
+    except SystemExit:  # the scheduler (ASHA) stopped the trial: tune.report exits the training thread
+        tracking.set_tag(uri, run_id, STOPPED_EARLY_TAG, "true")
+        tracking.finish_run(uri, run_id, "KILLED")
+        raise
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise
@@ -144,23 +170,33 @@ def run_sweep(sweep: SweepConfig) -> dict:
     tracking.log_params(uri, parent_id, {"sweep.tricks": json.dumps(sweep.tricks), "sweep.seeds": sweep.seeds,
                                          "sweep.search": json.dumps(sweep.search), "sweep.metric": sweep.metric,
                                          "sweep.scheduler": sweep.scheduler, **base.flat()})
-    space = {"trick": tune.grid_search(list(sweep.tricks)), "seed": tune.grid_search(sweep.seeds)}
-    if sweep.search:
-        space["search"] = {key: _sampler(spec) for key, spec in sweep.search.items()}
+    search_alg, num_samples = None, sweep.num_samples
+    if sweep.search_alg == "optuna":
+        space = {}
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(space=_OptunaSpace(sweep), metric=sweep.metric, mode="max", seed=sweep.seeds[0])
+        num_samples = sweep.num_samples * len(sweep.tricks) * len(sweep.seeds)
+    else:
+        space = {"trick": tune.grid_search(list(sweep.tricks)), "seed": tune.grid_search(sweep.seeds)}
+        if sweep.search:
+            space["search"] = {key: _sampler(spec) for key, spec in sweep.search.items()}
     resources = ray.cluster_resources()
     fits = resources.get("CPU", 1) // sweep.cpus_per_trial
     if sweep.gpus_per_trial:
         fits = min(fits, resources.get("GPU", 0) // sweep.gpus_per_trial)
     concurrent = sweep.max_concurrent_trials or max(1, int(fits))
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=base.train.epochs, grace_period=1) \
+    # max_t one past the last epoch: ASHA stops a trial that reaches max_t right after that report, which would
+    # cut every trial off before its test evaluation.
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=base.train.epochs + 1, grace_period=1) \
         if sweep.scheduler == "asha" else FIFOScheduler()
     trainable = tune.with_resources(tune.with_parameters(_run_trial, sweep_json=sweep.model_dump_json(),
                                                          parent_id=parent_id),
                                    {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
     tuner = tune.Tuner(
         trainable, param_space=space,
-        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,
-                                    num_samples=sweep.num_samples, max_concurrent_trials=concurrent),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=num_samples, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=sweep.name, storage_path=str(root / "tune"), verbose=1),
     )
     try:
@@ -169,6 +205,10 @@ def run_sweep(sweep: SweepConfig) -> dict:
         tracking.finish_run(uri, parent_id, "FAILED")
         raise
 
+    children = tracking.child_runs(uri, parent_id)
+    for child in children:  # a trial whose process died (a lost node) could not close its run
+        if child.info.status == "RUNNING":
+            tracking.finish_run(uri, child.info.run_id, "FAILED")
     children = tracking.child_runs(uri, parent_id)
     finished = [{"trick": c.data.tags[TRICK_TAG], "metrics": c.data.metrics, "run_id": c.info.run_id}
                 for c in children if c.info.status == "FINISHED"]

@@ -118,3 +118,44 @@ def test_shipped_sweep_configs_validate(path):
     sweep = load_config(str(path), schema=SweepConfig)
     for trick in sweep.tricks:
         assert trial_config(sweep, trick, sweep.seeds[-1], {}).train.seed == sweep.seeds[-1]
+
+
+@pytest.mark.slow
+def test_sweep_submitted_with_ray_job_submit_optuna_search_and_asha(ray_cluster, tmp_path):
+    """The README's `ray job submit -- python jobs/sweep.py` path, with Optuna proposing the learning rate and
+    ASHA stopping weak trials: tricks and seeds still take turns, each trial an MLflow child run."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from suformer.config import SweepConfig
+
+    sets = _small(tmp_path) + [
+        'tricks={"none": {}, "ema": {"ema_decay": 0.9}}', "seeds=[0]", "num_samples=2", "search_alg=optuna",
+        'search={"train.lr": {"loguniform": [1.0e-4, 3.0e-3]}}', "scheduler=asha", "register_as=null",
+        "finetune.train.epochs=2", "finetune.data.max_train_examples=200", "finetune.data.max_eval_examples=100"]
+    entry = [sys.executable, "jobs/sweep.py", "--config", SWEEP]
+    for item in sets:
+        entry += ["--set", item]
+    ray = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.run([ray, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO), "--",
+                           *entry], env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 trials, 0 failed" in proc.stdout and "| none |" in proc.stdout, proc.stdout[-3000:]
+
+    sweep = load_config(SWEEP, sets, schema=SweepConfig)
+    client = MlflowClient(sweep.finetune.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.finetune.run.experiment)
+    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`suformer.kind` = 'sweep'")
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["suformer.trick"] for c in children) == ["ema", "ema", "none", "none"]
+    rates = [float(c.data.params["train.lr"]) for c in children]
+    assert len(set(rates)) == 4 and all(1e-4 <= r <= 3e-3 for r in rates)  # proposed per trial, in range
+    for child in children:  # a trial ASHA stopped has fewer epochs and no test score, but it is not a failure
+        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "dev/accuracy")]
+        assert child.info.status in ("FINISHED", "KILLED") and epochs in ([1], [1, 2]), (child.info.status, epochs)
+        assert ("test/accuracy" in child.data.metrics) == (child.info.status == "FINISHED")
+        assert (child.data.tags.get("suformer.stopped_early") == "true") == (child.info.status == "KILLED")
+    assert sum(c.info.status == "FINISHED" for c in children) >= 1  # ASHA keeps the best of each rung going
