@@ -10,11 +10,15 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP = str(REPO / "jobs" / "configs" / "sweep_sentiment_tiny_cpu.yaml")
 
 
-def sweep_main(argv):
-    spec = importlib.util.spec_from_file_location("sweep_job", REPO / "jobs" / "sweep.py")
+def _job(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO / "jobs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(argv)
+    return module
+
+
+def sweep_main(argv):
+    return _job("sweep").main(argv)
 
 
 def _small(root):
@@ -75,6 +79,15 @@ def test_sweep_of_five_tricks_and_two_seeds_makes_parent_child_runs_table_plot_a
     with torch.no_grad():
         assert loaded(input_ids=torch.tensor([[2, 300, 400, 3]])).logits.shape == (1, 2)
     assert list(Path(result["tune_path"]).rglob("events.out.tfevents*"))  # TensorBoard on the Tune folder
+
+    # The MLflow UI's compare view, rendered by real headless Chromium from a real `mlflow server`, lists every
+    # child run with the trick as a param.
+    render = _job("render_sweep")
+    dom = render.render_compare_view(sweep.finetune.tracking_uri, sweep.finetune.run.experiment, sweep.name,
+                                     tmp_path / "compare.png")
+    assert f"Comparing {len(children)} Runs from 1 Experiment" in dom
+    assert all(c.info.run_name in dom for c in children) and "sweep.trick" in dom and "test/accuracy" in dom
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("override,message", [
