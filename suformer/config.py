@@ -206,6 +206,7 @@ class TricksSection(_Strict):
     sparse_softmax_k: int = Field(0, ge=0)  # seq2seq: 0 off; bojone/SPACES uses 10 (fine-tuning only)
     exposure_bias_replace: float = Field(0.0, ge=0, lt=1)  # seq2seq: 0 off; Su replaces 0.3 of half the samples
     ptuning: Literal["none", "prompt", "full"] = "none"  # sentiment: Su's MLM template; "prompt" trains only it
+    ladder_side_layers: int = Field(0, ge=0)  # sentiment: 0 off; Su's side network has 4 (hidden 128)
     simcse: bool = False  # similarity: unsupervised SimCSE on the sentences instead of the labelled pair loss
 
     @model_validator(mode="after")
@@ -259,6 +260,14 @@ class FinetuneConfig(_Job):
             raise ValueError("tricks.ptuning casts classification as MLM at [MASK]: use it with data.task=sentiment")
         if tricks.ptuning != "none" and tricks.lora_r:
             raise ValueError("tricks.ptuning and tricks.lora_r both choose what trains: pick one")
+        if tricks.ladder_side_layers:
+            if task != "sentiment":
+                raise ValueError("tricks.ladder_side_layers: Ladder Side-Tuning is built for data.task=sentiment")
+            clash = [k for k, on in (("adversarial", tricks.adversarial != "none"), ("lora_r", tricks.lora_r),
+                                     ("ptuning", tricks.ptuning != "none")) if on]
+            if clash:
+                raise ValueError(f"tricks.ladder_side_layers freezes the whole pretrained model, so tricks."
+                                 f"{clash[0]} (which trains or perturbs it) cannot be combined with it")
         if tricks.simcse and task != "similarity":
             raise ValueError(f"tricks.simcse trains sentence embeddings: use it with data.task=similarity, not {task!r}")
         zero = self.train.zero_stage

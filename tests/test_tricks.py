@@ -323,3 +323,41 @@ def test_ptuning_reads_the_mlm_head_at_mask_and_prompt_mode_trains_only_the_eigh
         assert rows == list(range(1, 9))  # [unused1..8]; the text's and label words' rows stay put
     else:
         assert len(changed) > 10 and set(range(1, 9)) <= set(rows)
+
+
+def test_ladder_side_tuning_reads_the_frozen_expert_and_trains_only_the_side_network():
+    from suformer.tricks.ladder_side import LadderSideClassifier
+
+    torch.manual_seed(0)
+    expert = build_model("roformer_v2", "tiny", vocab_size=120, dropout=0.0)  # 2 layers
+    model = LadderSideClassifier(expert, num_labels=2, side_layers=2, side_hidden=32, side_heads=2, side_ffn=64,
+                                 dropout=0.0)
+    inputs = batch()
+    mask = inputs["input_ids"] != 0
+    states = model.expert_states(inputs["input_ids"], mask)
+    torch.testing.assert_close(states[-1], expert.eval().encode(inputs["input_ids"], mask))  # the expert's own path
+
+    model(**inputs).loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in expert.parameters())  # nothing reaches the expert
+    side = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert side and all(not n.startswith("expert.") for n in side)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in side)
+
+    # The ladders are the side network's only view of the expert's layers: with them zeroed, changing an expert
+    # layer changes nothing; with them in place it does.
+    def logits_after_changing_expert_layer():
+        before = model(**inputs).logits.detach()
+        with torch.no_grad():
+            expert.roformer.encoder.layer[0].output.dense.weight.mul_(3.0)
+        after = model(**inputs).logits.detach()
+        with torch.no_grad():
+            expert.roformer.encoder.layer[0].output.dense.weight.div_(3.0)
+        return before, after
+
+    before, after = logits_after_changing_expert_layer()
+    assert not torch.allclose(before, after)
+    with torch.no_grad():
+        for ladder in model.ladders:
+            ladder.weight.zero_()
+    before, after = logits_after_changing_expert_layer()
+    torch.testing.assert_close(before, after)

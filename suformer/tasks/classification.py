@@ -94,6 +94,11 @@ class SentimentTask(Task):
                 raise ValueError(f"P-tuning's label words {missing} are not in the vocab {tokenizer.vocab_path}")
             return PTuningClassifier(encoder, [tokenizer.vocab[w] for w in LABEL_WORDS], tokenizer.mask_id,
                                      tokenizer.cls_id, freeze_model=ptuning == "prompt")
+        if self.cfg.tricks.ladder_side_layers:
+            from ..tricks.ladder_side import LadderSideClassifier
+
+            return LadderSideClassifier(encoder, len(LABELS), side_layers=self.cfg.tricks.ladder_side_layers,
+                                        dropout=m.dropout)
         return SequenceClassifier(encoder, num_labels=len(LABELS), pooling=m.pooling, dropout=m.dropout)
 
     @torch.no_grad()
