@@ -20,6 +20,16 @@ def pad(rows: list[list[int]], value: int = 0) -> torch.Tensor:
     return out
 
 
+def seeded_split(rows: list, seed: int, dev: float = 0.1, test: float = 0.1) -> dict[str, list]:
+    """{"train", "dev", "test"}: a seeded shuffle of `rows` cut dev/test/train, the same on every machine."""
+    if not (0 < dev < 1 and 0 < test < 1 and dev + test < 1):
+        raise ValueError(f"dev and test fractions must be in (0, 1) with dev + test < 1, got {dev}, {test}")
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_dev, n_test = round(len(rows) * dev), round(len(rows) * test)
+    return {"dev": rows[:n_dev], "test": rows[n_dev:n_dev + n_test], "train": rows[n_dev + n_test:]}
+
+
 class Task:
     family = "roformer_v2"  # the model family it fine-tunes
     metric = "accuracy"  # the dev metric that picks the best epoch (logged as dev/<metric>)

@@ -10,13 +10,12 @@ fine-tuning script.
 from __future__ import annotations
 
 import csv
-import random
 from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
-from .base import Task, pad
+from .base import Task, pad, seeded_split
 
 
 def idiom_csv() -> Path:
@@ -38,13 +37,8 @@ def idiom_examples() -> list[tuple[str, str]]:
     return rows
 
 
-def idiom_splits(seed: int = 0, dev: float = 0.1, test: float = 0.1) -> dict[str, list[tuple[str, str]]]:
-    if not (0 < dev < 1 and 0 < test < 1 and dev + test < 1):
-        raise ValueError(f"dev and test fractions must be in (0, 1) with dev + test < 1, got {dev}, {test}")
-    rows = idiom_examples()
-    random.Random(seed).shuffle(rows)
-    n_dev, n_test = round(len(rows) * dev), round(len(rows) * test)
-    return {"dev": rows[:n_dev], "test": rows[n_dev:n_dev + n_test], "train": rows[n_dev + n_test:]}
+def idiom_splits(seed: int = 0, dev: float = 0.1, test: float = 0.1) -> dict[str, list]:
+    return seeded_split(idiom_examples(), seed, dev, test)
 
 
 class TokenTrie:

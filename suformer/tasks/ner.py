@@ -12,7 +12,6 @@ categorical cross-entropy per (example, type); a span is predicted when s > 0.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +21,7 @@ import torch.nn as nn
 from ..data.corpora import peoples_daily_tagged
 from ..models.layers import apply_rotary, at_least_fp32, rotary_cos_sin
 from ..tokenizer import normalize
-from .base import Task, pad
+from .base import Task, pad, seeded_split
 
 ENTITY_TYPES = ("PER", "LOC", "ORG")
 TAG_TO_TYPE = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
@@ -59,14 +58,9 @@ def peoples_daily_sentences() -> list[Sentence]:
     return [s for pairs in peoples_daily_tagged() for s in _sentences(pairs)]
 
 
-def ner_splits(seed: int = 0, dev: float = 0.1, test: float = 0.1) -> dict[str, list[Sentence]]:
+def ner_splits(seed: int = 0, dev: float = 0.1, test: float = 0.1) -> dict[str, list]:
     """{"train", "dev", "test"}: a seeded shuffle of the sentences cut 80/10/10, the same on every machine."""
-    if not (0 < dev < 1 and 0 < test < 1 and dev + test < 1):
-        raise ValueError(f"dev and test fractions must be in (0, 1) with dev + test < 1, got {dev}, {test}")
-    rows = peoples_daily_sentences()
-    random.Random(seed).shuffle(rows)
-    n_dev, n_test = round(len(rows) * dev), round(len(rows) * test)
-    return {"dev": rows[:n_dev], "test": rows[n_dev:n_dev + n_test], "train": rows[n_dev + n_test:]}
+    return seeded_split(peoples_daily_sentences(), seed, dev, test)
 
 
 class EfficientGlobalPointer(nn.Module):

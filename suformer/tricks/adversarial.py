@@ -59,6 +59,16 @@ def fgm_backward(compute_loss: LossFn, embedding: torch.Tensor, epsilon: float =
     return loss, adversarial
 
 
+@torch.no_grad()
+def _ascend_in_ball(embedding, saved, direction, alpha: float, epsilon: float) -> None:
+    """One ascent step of size alpha, projected back into the Frobenius ball of radius epsilon around `saved`."""
+    delta = embedding + alpha * direction - saved
+    norm = delta.norm()
+    if norm > epsilon:
+        delta *= epsilon / norm
+    embedding.copy_(saved + delta)
+
+
 def pgd_backward(compute_loss: LossFn, embedding: torch.Tensor, params: list[torch.Tensor], epsilon: float = 1.0,
                  alpha: float = 0.3, steps: int = 3,
                  backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
@@ -78,12 +88,7 @@ def pgd_backward(compute_loss: LossFn, embedding: torch.Tensor, params: list[tor
         direction = _unit(embedding.grad)
         if direction is None:
             break
-        with torch.no_grad():
-            delta = embedding + alpha * direction - saved
-            norm = delta.norm()
-            if norm > epsilon:
-                delta *= epsilon / norm
-            embedding.copy_(saved + delta)
+        _ascend_in_ball(embedding, saved, direction, alpha, epsilon)
         if step < steps - 1:
             for p in params:
                 p.grad = None
@@ -106,12 +111,7 @@ def _pgd_one_backward(compute_loss, embedding, epsilon, alpha, steps, backward):
         direction = _unit(grad)
         if direction is None:
             break
-        with torch.no_grad():
-            delta = embedding + alpha * direction - saved
-            norm = delta.norm()
-            if norm > epsilon:
-                delta *= epsilon / norm
-            embedding.copy_(saved + delta)
+        _ascend_in_ball(embedding, saved, direction, alpha, epsilon)
         adversarial = compute_loss()
         if step < steps - 1:
             grad = torch.autograd.grad(adversarial, embedding)[0]
