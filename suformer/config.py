@@ -247,6 +247,11 @@ class FinetuneConfig(_Job):
         if self.model.family != TASK_FAMILY[task]:
             raise ValueError(f"data.task {task!r} fine-tunes {TASK_FAMILY[task]}, not model.family "
                              f"{self.model.family!r}")
+        if self.model.init_from:
+            missing = [f for f in ("config.json", "vocab.txt") if not (Path(self.model.init_from).expanduser() / f).is_file()]
+            if missing:
+                raise ValueError(f"model.init_from {self.model.init_from!r} has no {' or '.join(missing)}: point it at a "
+                                 "save_pretrained folder (e.g. <run.root>/<run.name>/model of a pretraining run)")
         if task == "similarity" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
             raise ValueError(f"data.path {self.data.path!r}: the similarity task needs a senteval_cn folder "
                              "(*.train.data, *.valid.data, *.test.data)")

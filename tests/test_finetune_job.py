@@ -44,6 +44,7 @@ def test_shipped_finetune_configs_validate(path, tmp_path):
      "freezes the whole pretrained model, so tricks.adversarial"),
     (["tricks.simcse=true"], "tricks.simcse trains sentence embeddings: use it with data.task=similarity"),
     (["tricks.lora_r=8", "tricks.adversarial=fgm"], "LoRA (tricks.lora_r) freezes"),
+    (["model.init_from=/nonexistent/model"], "model.init_from '/nonexistent/model' has no config.json or vocab.txt"),
     (["data.max_len=3"], "data.max_len: Input should be greater than or equal to 8"),
 ])
 def test_bad_finetune_configs_exit_2_naming_the_problem(overrides, message, capsys):
