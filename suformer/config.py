@@ -206,6 +206,7 @@ class TricksSection(_Strict):
     sparse_softmax_k: int = Field(0, ge=0)  # seq2seq: 0 off; bojone/SPACES uses 10 (fine-tuning only)
     exposure_bias_replace: float = Field(0.0, ge=0, lt=1)  # seq2seq: 0 off; Su replaces 0.3 of half the samples
     ptuning: Literal["none", "prompt", "full"] = "none"  # sentiment: Su's MLM template; "prompt" trains only it
+    prompt_tuning_tokens: int = Field(0, ge=0)  # sentiment: 0 off; a PEFT soft prompt of that many vectors
     ladder_side_layers: int = Field(0, ge=0)  # sentiment: 0 off; Su's side network has 4 (hidden 128)
     simcse: bool = False  # similarity: unsupervised SimCSE on the sentences instead of the labelled pair loss
 
@@ -248,10 +249,11 @@ class FinetuneConfig(_Job):
             raise ValueError(f"data.task {task!r} fine-tunes {TASK_FAMILY[task]}, not model.family "
                              f"{self.model.family!r}")
         if self.model.init_from:
-            missing = [f for f in ("config.json", "vocab.txt") if not (Path(self.model.init_from).expanduser() / f).is_file()]
+            folder = Path(self.model.init_from).expanduser()
+            missing = [f for f in ("config.json", "vocab.txt") if not (folder / f).is_file()]
             if missing:
-                raise ValueError(f"model.init_from {self.model.init_from!r} has no {' or '.join(missing)}: point it at a "
-                                 "save_pretrained folder (e.g. <run.root>/<run.name>/model of a pretraining run)")
+                raise ValueError(f"model.init_from {self.model.init_from!r} has no {' or '.join(missing)}: point it "
+                                 "at a save_pretrained folder (e.g. <run.root>/<run.name>/model of a pretraining run)")
         if task == "similarity" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
             raise ValueError(f"data.path {self.data.path!r}: the similarity task needs a senteval_cn folder "
                              "(*.train.data, *.valid.data, *.test.data)")
@@ -265,16 +267,21 @@ class FinetuneConfig(_Job):
             raise ValueError("tricks.ptuning casts classification as MLM at [MASK]: use it with data.task=sentiment")
         if tricks.ptuning != "none" and tricks.lora_r:
             raise ValueError("tricks.ptuning and tricks.lora_r both choose what trains: pick one")
-        if tricks.ladder_side_layers:
+        for key, name in (("ladder_side_layers", "Ladder Side-Tuning"), ("prompt_tuning_tokens", "prompt tuning")):
+            if not getattr(tricks, key):
+                continue
             if task != "sentiment":
-                raise ValueError("tricks.ladder_side_layers: Ladder Side-Tuning is built for data.task=sentiment")
+                raise ValueError(f"tricks.{key}: {name} is built for data.task=sentiment")
             clash = [k for k, on in (("adversarial", tricks.adversarial != "none"), ("lora_r", tricks.lora_r),
-                                     ("ptuning", tricks.ptuning != "none")) if on]
+                                     ("ptuning", tricks.ptuning != "none"),
+                                     ("ladder_side_layers", key != "ladder_side_layers" and tricks.ladder_side_layers))
+                     if on]
             if clash:
-                raise ValueError(f"tricks.ladder_side_layers freezes the whole pretrained model, so tricks."
-                                 f"{clash[0]} (which trains or perturbs it) cannot be combined with it")
+                raise ValueError(f"tricks.{key}: {name} freezes the whole pretrained model, so tricks.{clash[0]} "
+                                 "(which trains, perturbs or replaces it) cannot be combined with it")
         if tricks.simcse and task != "similarity":
-            raise ValueError(f"tricks.simcse trains sentence embeddings: use it with data.task=similarity, not {task!r}")
+            raise ValueError(f"tricks.simcse trains sentence embeddings: use it with data.task=similarity, "
+                             f"not {task!r}")
         zero = self.train.zero_stage
         if zero and tricks.child_tuning != "none":
             raise ValueError(f"tricks.child_tuning masks gradients after backward; ZeRO-{zero} has already reduced "

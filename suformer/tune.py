@@ -55,8 +55,8 @@ class _OptunaSpace:
                 trial.suggest_int(key, args[0], args[1] - 1)
             else:
                 trial.suggest_float(key, args[0], args[1], log=kind == "loguniform")
-        n = trial.number
-        return {"trick": self.tricks[n % len(self.tricks)], "seed": self.seeds[(n // len(self.tricks)) % len(self.seeds)]}
+        turn, trick = divmod(trial.number, len(self.tricks))  # each turn runs every trick once
+        return {"trick": self.tricks[trick], "seed": self.seeds[turn % len(self.seeds)]}
 
 
 def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:

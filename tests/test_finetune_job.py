@@ -42,6 +42,8 @@ def test_shipped_finetune_configs_validate(path, tmp_path):
     (["tricks.ladder_side_layers=2"], "Ladder Side-Tuning is built for data.task=sentiment"),
     (["data.task=sentiment", "tricks.ladder_side_layers=2", "tricks.adversarial=fgm"],
      "freezes the whole pretrained model, so tricks.adversarial"),
+    (["data.task=sentiment", "tricks.prompt_tuning_tokens=20", "tricks.lora_r=8"],
+     "tricks.prompt_tuning_tokens: prompt tuning freezes the whole pretrained model, so tricks.lora_r"),
     (["tricks.simcse=true"], "tricks.simcse trains sentence embeddings: use it with data.task=similarity"),
     (["tricks.lora_r=8", "tricks.adversarial=fgm"], "LoRA (tricks.lora_r) freezes"),
     (["model.init_from=/nonexistent/model"], "model.init_from '/nonexistent/model' has no config.json or vocab.txt"),

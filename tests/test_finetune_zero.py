@@ -27,8 +27,9 @@ def run(tmp_path, tricks: dict, zero, task="sentiment"):
     ({"lora_r": 4, "layerwise_lr_decay": 0.8}, 2, "sentiment"),
     ({"child_tuning": "D"}, 0, "sentiment"),
     ({"ladder_side_layers": 2}, 1, "sentiment"),
+    ({"prompt_tuning_tokens": 4}, 2, "sentiment"),
     ({"exposure_bias_replace": 0.3}, 2, "idiom"),
-], ids=["fgm-zero2", "pgd-zero1", "gradient_penalty+ema-zero2", "lora+layerwise-zero2", "child_tuning_d-zero0", "ladder_side-zero1",
+], ids=["fgm-zero2", "pgd-zero1", "gradient_penalty+ema-zero2", "lora+layerwise-zero2", "child_tuning_d-zero0", "ladder_side-zero1", "prompt_tuning-zero2",
         "t5_exposure_bias-zero2"])
 def test_tricks_under_zero_train_the_same_weights_as_plain_pytorch(tmp_path, tricks, stage, task):
     plain_loss, plain = run(tmp_path, tricks, None, task)

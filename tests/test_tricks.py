@@ -361,3 +361,29 @@ def test_ladder_side_tuning_reads_the_frozen_expert_and_trains_only_the_side_net
             ladder.weight.zero_()
     before, after = logits_after_changing_expert_layer()
     torch.testing.assert_close(before, after)
+
+
+def test_peft_prompt_tuning_prepends_its_vectors_and_trains_only_them_and_the_head():
+    from suformer.tricks.prompt_tuning import apply_prompt_tuning
+
+    torch.manual_seed(0)
+    base = classifier()
+    model = apply_prompt_tuning(base, num_virtual_tokens=4)
+    inputs = batch()
+    mask = inputs["input_ids"] != 0
+    prompt = model.prompt_encoder["default"].embedding.weight  # PEFT's soft prompt, [4, hidden]
+    # The same computation by hand: prompt vectors, then the word vectors; [CLS] is the first real token.
+    words = base.encoder.roformer.embeddings.word_embeddings(inputs["input_ids"])
+    embeds = torch.cat([prompt.expand(len(words), -1, -1), words], dim=1)
+    full_mask = torch.cat([torch.ones(len(words), 4, dtype=torch.bool), mask], dim=1)
+    hidden = base.encoder.encode(None, full_mask, inputs_embeds=embeds)
+    torch.testing.assert_close(model(**inputs, attention_mask=mask).logits, base.classifier(hidden[:, 4]))
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("prompt_encoder" in n or "classifier" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**inputs, attention_mask=mask).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("prompt_encoder" in n for n in changed) and changed <= trainable

@@ -132,9 +132,11 @@ class RoFormerEmbeddings(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids, token_type_ids):
+    def forward(self, input_ids, token_type_ids, inputs_embeds=None):
+        """`inputs_embeds` (word vectors, e.g. with soft-prompt vectors prepended) instead of `input_ids`."""
+        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         # bert4keras order: dropout, then norm (identical to the ports' norm-then-dropout at inference).
-        return self.norm(self.dropout(self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)))
+        return self.norm(self.dropout(words + self.token_type_embeddings(token_type_ids)))
 
 
 class RoFormerEncoder(nn.Module):
@@ -189,14 +191,18 @@ class RoFormerV2ForMaskedLM(nn.Module):
                 std = roformer_v2_init_std(keras_shape, self.config.num_layers)
                 nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cache=None, unilm=False):
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cache=None, unilm=False, inputs_embeds=None):
         """Final hidden states. `unilm`: bert4keras UniLM mask from token_type_ids (source 0, target 1).
 
         With a `cache`, `input_ids` are only the new tokens; `attention_mask`/`token_type_ids` then cover the whole
-        sequence so far (cache + new), since UniLM visibility depends on every segment id.
+        sequence so far (cache + new), since UniLM visibility depends on every segment id. `inputs_embeds` [B, L, H]
+        replaces the word vectors of `input_ids` (soft prompts); `attention_mask` is then required.
         """
+        if inputs_embeds is not None and attention_mask is None:
+            raise ValueError("inputs_embeds needs an attention_mask (there are no ids to find the padding in)")
         if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+            like = input_ids if inputs_embeds is None else inputs_embeds[..., 0]
+            token_type_ids = torch.zeros(like.shape, dtype=torch.long, device=like.device)
         offset = 0 if cache is None else cache.length
         key_padding = (input_ids != self.config.pad_token_id) if attention_mask is None else attention_mask.bool()
         new_types = token_type_ids[:, offset:] if cache is not None else token_type_ids
@@ -204,7 +210,7 @@ class RoFormerV2ForMaskedLM(nn.Module):
             key_padding=None if cache is not None and attention_mask is None else key_padding,
             segment_ids=token_type_ids if unilm else None,
         )
-        x = self.roformer.embeddings(input_ids, new_types)
+        x = self.roformer.embeddings(input_ids, new_types, inputs_embeds)
         for i, layer in enumerate(self.roformer.encoder.layer):
             x = layer(x, mask, cache=cache, layer=i, query_offset=offset)
         return x

@@ -80,7 +80,8 @@ class SentimentTask(Task):
         return [(tokenizer.encode(text, self.cfg.data.max_len), label) for text, label in rows]
 
     def collate(self, features):
-        return {"input_ids": pad([ids for ids, _ in features]), "labels": torch.tensor([y for _, y in features])}
+        ids = pad([ids for ids, _ in features])
+        return {"input_ids": ids, "attention_mask": ids != 0, "labels": torch.tensor([y for _, y in features])}
 
     def head(self, encoder, tokenizer):
         from .sentiment import LABELS
@@ -99,12 +100,18 @@ class SentimentTask(Task):
 
             return LadderSideClassifier(encoder, len(LABELS), side_layers=self.cfg.tricks.ladder_side_layers,
                                         dropout=m.dropout)
-        return SequenceClassifier(encoder, num_labels=len(LABELS), pooling=m.pooling, dropout=m.dropout)
+        classifier = SequenceClassifier(encoder, num_labels=len(LABELS), pooling=m.pooling, dropout=m.dropout)
+        if self.cfg.tricks.prompt_tuning_tokens:
+            from ..tricks.prompt_tuning import apply_prompt_tuning
+
+            return apply_prompt_tuning(classifier, self.cfg.tricks.prompt_tuning_tokens)
+        return classifier
 
     @torch.no_grad()
     def evaluate(self, model, features, batch_size):
         predicted, labels = [], []
         for batch in self.batches(features, batch_size):
-            predicted += model(input_ids=batch["input_ids"]).logits.argmax(-1).tolist()
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            predicted += logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
         return classification_metrics(predicted, labels)

@@ -41,7 +41,8 @@ def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
     if cfg.model.init_from:
         return Tokenizer.from_pretrained(Path(cfg.model.init_from).expanduser())
     d = cfg.data  # the vocab depends on exactly the training texts and its size
-    key = hashlib.sha256(f"{d.task}|{d.path}|{d.split_seed}|{d.max_train_examples}|{d.vocab_size}".encode()).hexdigest()[:16]
+    source = f"{d.task}|{d.path}|{d.split_seed}|{d.max_train_examples}|{d.vocab_size}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     path = Path(cfg.run.root).expanduser() / "vocab" / f"finetune-{key}" / "vocab.txt"
     if not path.exists():  # written once, atomically: concurrent trials share it
         path.parent.mkdir(parents=True, exist_ok=True)
