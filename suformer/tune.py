@@ -160,6 +160,10 @@ def run_sweep(sweep: SweepConfig) -> dict:
 
     base = sweep.finetune
     uri = base.tracking_uri
+    # Resolved once, here: a trial resolving it again on a worker (whose MLFLOW_TRACKING_URI may differ from the
+    # driver's) would put the children in another store than their parent.
+    sweep = sweep.model_copy(update={"finetune": base.model_copy(update={"run": base.run.model_copy(
+        update={"tracking_uri": uri})})})
     root = Path(base.run.root).expanduser().resolve()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
@@ -238,11 +242,21 @@ def _register(uri: str, run_id: str, saved: Path, name: str) -> str:
     from .train.finetune import load_finetuned
 
     model, _, _ = load_finetuned(saved)
+    # log_model and register_model are fluent-API only. mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI
+    # to this process's environment, where every later config would pick it up: both are restored afterwards.
+    previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        # pickle: loading needs suformer importable (as the requirements say); pt2 would freeze the input shape
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        pip_requirements=["torch", "suformer"])
-        mlflow.log_artifacts(str(saved), "model_files")  # tokenizer + fine-tuning config beside the weights
-    version = mlflow.register_model(info.model_uri, name)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            # pickle: loading needs suformer importable (as the requirements say); pt2 would freeze the input shape
+            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                            pip_requirements=["torch", "suformer"])
+            mlflow.log_artifacts(str(saved), "model_files")  # tokenizer + fine-tuning config beside the weights
+        version = mlflow.register_model(info.model_uri, name)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
     return f"{name}/{version.version}"

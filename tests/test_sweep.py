@@ -1,5 +1,6 @@
 """A real Ray Tune sweep of fine-tuning tricks on the session's Ray cluster, tracked as MLflow parent/child runs."""
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ def sweep_main(argv):
 
 
 def _small(root):
-    return [f"finetune.run.root={root}", "finetune.data.max_train_examples=400", "finetune.data.max_eval_examples=200"]
+    # An explicit store: the cluster's nodes have MLFLOW_TRACKING_URI (the session's server) in their environment.
+    return [f"finetune.run.root={root}", f"finetune.run.tracking_uri=sqlite:///{root}/mlflow.db",
+            "finetune.data.max_train_examples=400", "finetune.data.max_eval_examples=200"]
 
 
 @pytest.mark.slow
@@ -74,8 +77,10 @@ def test_sweep_of_five_tricks_and_two_seeds_makes_parent_child_runs_table_plot_a
     import mlflow
     import torch
 
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # registering did not leak the store into this process
     mlflow.set_tracking_uri(sweep.finetune.tracking_uri)
     loaded = mlflow.pytorch.load_model(f"models:/{name}/{version}").eval()
+    os.environ.pop("MLFLOW_TRACKING_URI")  # set_tracking_uri exported it: later tests must not inherit this store
     with torch.no_grad():
         assert loaded(input_ids=torch.tensor([[2, 300, 400, 3]])).logits.shape == (1, 2)
     assert list(Path(result["tune_path"]).rglob("events.out.tfevents*"))  # TensorBoard on the Tune folder
@@ -145,7 +150,8 @@ def test_sweep_submitted_with_ray_job_submit_optuna_search_and_asha(ray_cluster,
     from suformer.config import SweepConfig
 
     sets = _small(tmp_path) + [
-        'tricks={"none": {}, "ema": {"ema_decay": 0.9}}', "seeds=[0]", "num_samples=2", "search_alg=optuna",
+        "name=optuna-asha", 'tricks={"none": {}, "ema": {"ema_decay": 0.9}}', "seeds=[0]", "num_samples=2",
+        "search_alg=optuna",
         'search={"train.lr": {"loguniform": [1.0e-4, 3.0e-3]}}', "scheduler=asha", "register_as=null",
         "finetune.train.epochs=2", "finetune.data.max_train_examples=200", "finetune.data.max_eval_examples=100"]
     entry = [sys.executable, "jobs/sweep.py", "--config", SWEEP]
@@ -160,7 +166,8 @@ def test_sweep_submitted_with_ray_job_submit_optuna_search_and_asha(ray_cluster,
     sweep = load_config(SWEEP, sets, schema=SweepConfig)
     client = MlflowClient(sweep.finetune.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.finetune.run.experiment)
-    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`suformer.kind` = 'sweep'")
+    (parent,) = client.search_runs([experiment.experiment_id],
+                                   filter_string="tags.`suformer.kind` = 'sweep' and attributes.run_name = 'optuna-asha'")
     children = client.search_runs([experiment.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["suformer.trick"] for c in children) == ["ema", "ema", "none", "none"]
