@@ -1,4 +1,5 @@
-"""Fine-tuning with tricks: one process, plain PyTorch, tracked in MLflow (a Ray Tune trial runs exactly this).
+"""Fine-tuning with tricks: one process, plain PyTorch or a one-process DeepSpeed engine (`train.zero_stage`),
+tracked in MLflow (a Ray Tune trial runs exactly this).
 
 Written once against the Task interface (tasks/base.py): sentiment classification, sentence-pair similarity, NER
 and idiom generation share the loop. Each epoch trains with the configured tricks, evaluates on dev (with the EMA
