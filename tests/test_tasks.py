@@ -279,3 +279,20 @@ def test_similarity_trains_with_cosent_sentence_bert_and_unsupervised_simcse(tmp
         out = finetune(cfg, report=epochs.append)
         assert epochs[-1]["train/loss"] < epochs[0]["train/loss"], loss
         assert -1 <= out["metrics"]["test/spearman"] <= 1
+
+
+def test_a_dev_metric_that_is_never_defined_keeps_the_last_epoch_instead_of_failing(tmp_path):
+    """Spearman is undefined (NaN) when every dev label is the same; training still ends with a model."""
+    from suformer.config import FinetuneConfig
+    from suformer.train.finetune import finetune
+
+    pairs = "今天天气很好\t天气不错\t1\n这家店很差\t服务很好\t0\n"
+    for split in ("train", "test"):
+        (tmp_path / f"flat.{split}.data").write_text(pairs * 4, encoding="utf-8")
+    (tmp_path / "flat.valid.data").write_text("今天天气很好\t天气不错\t1\n" * 4, encoding="utf-8")
+    cfg = FinetuneConfig.model_validate({
+        "data": {"task": "similarity", "path": str(tmp_path)}, "train": {"epochs": 2, "batch_size": 4},
+        "run": {"root": str(tmp_path)}})
+    out = finetune(cfg)
+    assert math.isnan(out["metrics"]["dev/spearman"]) and out["metrics"]["best_dev/spearman"] == -math.inf
+    assert -1 <= out["metrics"]["test/spearman"] <= 1

@@ -235,8 +235,10 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
         metrics = {"epoch": epoch, "train/loss": float(np.mean(losses)),
                    **{f"dev/{k}": v for k, v in dev_metrics.items()}, "time/epoch_s": epoch_time,
                    "memory/peak_mb": _peak_memory_mb(), "params/trainable": trainable_parameters(model)}
-        if dev_metrics[task.metric] > best:
-            best, best_state = dev_metrics[task.metric], copy.deepcopy(scored.state_dict())
+        score = dev_metrics[task.metric]
+        score = -math.inf if math.isnan(score) else score  # e.g. Spearman of constant predictions: never the best
+        if best_state is None or score > best:
+            best, best_state = score, copy.deepcopy(scored.state_dict())
         if logger:
             logger.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
         if report:
