@@ -32,8 +32,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     uri, root = cfg.tracking_uri, Path(cfg.run.root).expanduser().resolve()
-    artifacts = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    run_id, _ = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, artifact_location=artifacts,
+    run_id, _ = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, run_root=root,
                                   tags={"suformer.kind": "finetune", "suformer.task": cfg.data.task}, resume=False)
     tracking.log_params(uri, run_id, cfg.flat())
     try:

@@ -26,14 +26,16 @@ def _newest_run_named(client, experiment_id: str, run_name: str):
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[dict] = None,
-             artifact_location: Optional[str] = None, resume: bool = True) -> tuple[str, bool]:
+             run_root: Optional[Path] = None, resume: bool = True) -> tuple[str, bool]:
     """(run id, resumed): the newest run tagged with `run_name` in `experiment` (when `resume`), else a new one.
 
-    `artifact_location` is where a new experiment keeps artifacts; without it a SQLite store puts them in
-    ./mlruns of the current directory, which under `ray job submit` is a temporary upload directory."""
+    With a SQLite store, a new experiment keeps its artifacts in `run_root`/mlartifacts: without that, MLflow puts
+    them in ./mlruns of the current directory, which under `ray job submit` is a temporary upload directory. A
+    tracking server decides where artifacts go itself."""
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
+    artifacts = (Path(run_root) / "mlartifacts").as_uri() if run_root and tracking_uri.startswith("sqlite:") else None
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts)
     found = _newest_run_named(client, exp_id, run_name) if resume else None
     if found:
         run_id = found.info.run_id

@@ -167,18 +167,17 @@ def run_sweep(sweep: SweepConfig) -> dict:
     root = Path(base.run.root).expanduser().resolve()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    artifacts = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
     # A new parent per sweep run: children of an earlier sweep with the same name must not enter this comparison.
-    parent_id, _ = tracking.open_run(uri, base.run.experiment, sweep.name, artifact_location=artifacts,
+    parent_id, _ = tracking.open_run(uri, base.run.experiment, sweep.name, run_root=root,
                                      tags={"suformer.kind": "sweep"}, resume=False)
     tracking.log_params(uri, parent_id, {"sweep.tricks": json.dumps(sweep.tricks), "sweep.seeds": sweep.seeds,
                                          "sweep.search": json.dumps(sweep.search), "sweep.metric": sweep.metric,
                                          "sweep.scheduler": sweep.scheduler, **base.flat()})
     search_alg, num_samples = None, sweep.num_samples
     if sweep.search_alg == "optuna":
-        space = {}
         from ray.tune.search.optuna import OptunaSearch
 
+        space = {}
         search_alg = OptunaSearch(space=_OptunaSpace(sweep), metric=sweep.metric, mode="max", seed=sweep.seeds[0])
         num_samples = sweep.num_samples * len(sweep.tricks) * len(sweep.seeds)
     else:
@@ -210,10 +209,9 @@ def run_sweep(sweep: SweepConfig) -> dict:
         raise
 
     children = tracking.child_runs(uri, parent_id)
-    for child in children:  # a trial whose process died (a lost node) could not close its run
+    for child in children:  # a trial whose process died (a lost node) could not close its run; it stays out below
         if child.info.status == "RUNNING":
             tracking.finish_run(uri, child.info.run_id, "FAILED")
-    children = tracking.child_runs(uri, parent_id)
     finished = [{"trick": c.data.tags[TRICK_TAG], "metrics": c.data.metrics, "run_id": c.info.run_id}
                 for c in children if c.info.status == "FINISHED"]
     rows = comparison(finished, sweep.compare_on)

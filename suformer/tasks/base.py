@@ -1,7 +1,7 @@
 """What the fine-tuning loop needs from a task: its splits, how rows become tensors, its model head, its metrics.
 
 `suformer.train.finetune` is written once against this interface; each task module (sentiment, similarity, ner,
-idiom) supplies one subclass, registered in `suformer.tasks.TASKS`.
+idiom) supplies one subclass, which `suformer.tasks.task_for` picks by `data.task`.
 """
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ def pad(rows: list[list[int]], value: int = 0) -> torch.Tensor:
     return out
 
 
-def seeded_split(rows: list, seed: int, dev: float = 0.1, test: float = 0.1) -> dict[str, list]:
-    """{"train", "dev", "test"}: a seeded shuffle of `rows` cut dev/test/train, the same on every machine."""
+def check_split_fractions(dev: float, test: float) -> None:
     if not (0 < dev < 1 and 0 < test < 1 and dev + test < 1):
         raise ValueError(f"dev and test fractions must be in (0, 1) with dev + test < 1, got {dev}, {test}")
+
+
+def seeded_split(rows: list, seed: int, dev: float = 0.1, test: float = 0.1) -> dict[str, list]:
+    """{"train", "dev", "test"}: a seeded shuffle of `rows` cut dev/test/train, the same on every machine."""
+    check_split_fractions(dev, test)
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     n_dev, n_test = round(len(rows) * dev), round(len(rows) * test)

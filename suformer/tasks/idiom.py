@@ -93,16 +93,15 @@ class IdiomTask(Task):
         return [text for pair in rows for text in pair]
 
     def encode(self, rows, tokenizer):
-        if not hasattr(self, "trie"):  # the knowledge base: every idiom, as the decoder writes it (chars, [SEP])
-            self.tokenizer = tokenizer
-            self.trie = TokenTrie((tokenizer.encode(idiom)[1:-1] for _, idiom in idiom_examples()),
-                                  end=tokenizer.sep_id)
         return [(tokenizer.encode(src, self.cfg.data.max_len), tokenizer.encode(tgt)[1:], tgt) for src, tgt in rows]
 
     def collate(self, features):
         return {"input_ids": pad([f[0] for f in features]), "labels": pad([f[1] for f in features], -100)}
 
     def head(self, encoder, tokenizer):
+        # The knowledge base decoding is held to: every idiom, as the decoder writes it (its tokens, then [SEP]).
+        self.tokenizer = tokenizer
+        self.trie = TokenTrie((tokenizer.encode(idiom)[1:-1] for _, idiom in idiom_examples()), end=tokenizer.sep_id)
         return encoder  # T5 PEGASUS is already a seq2seq model with its LM head
 
     def embedding(self, model):
@@ -112,6 +111,7 @@ class IdiomTask(Task):
     def evaluate(self, model, features, batch_size):
         predictions = []
         for batch in self.batches(features, batch_size):
+            # 8 tokens: a four-character idiom and [SEP] in a char vocab, fewer in a word vocab
             generated = model.generate(batch["input_ids"], max_new_tokens=8, num_beams=self.cfg.data.num_beams,
                                        prefix_allowed_tokens_fn=lambda _, prefix: self.trie.allowed(prefix))
             predictions += [self.tokenizer.decode(row) for row in generated.tolist()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 from ..data.corpora import review_sentences
+from .base import check_split_fractions
 
 LABELS = ("negative", "positive")
 
@@ -22,12 +23,12 @@ def sentiment_examples() -> list[tuple[str, int]]:
 
 def sentiment_splits(seed: int = 0, dev: float = 0.1, test: float = 0.1) -> dict[str, list[tuple[str, int]]]:
     """{"train", "dev", "test"}: a stratified split, the same for the same seed on every machine."""
-    if not (0 < dev < 1 and 0 < test < 1 and dev + test < 1):
-        raise ValueError(f"dev and test fractions must be in (0, 1) with dev + test < 1, got {dev}, {test}")
+    check_split_fractions(dev, test)
     rng = random.Random(seed)
     splits = {"train": [], "dev": [], "test": []}
+    examples = sentiment_examples()
     for label in (0, 1):
-        rows = [e for e in sentiment_examples() if e[1] == label]
+        rows = [e for e in examples if e[1] == label]
         rng.shuffle(rows)
         n_dev, n_test = round(len(rows) * dev), round(len(rows) * test)
         splits["dev"] += rows[:n_dev]

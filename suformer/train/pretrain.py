@@ -125,8 +125,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         print(f"[suformer] data: skipped or repaired (also in MLflow as data/*): {repaired}", flush=True)
 
     uri = cfg.tracking_uri
-    artifacts = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None  # a server decides itself
-    run_id, resumed = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, artifact_location=artifacts,
+    run_id, resumed = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, run_root=root,
                                         tags={"model.family": cfg.model.family, "data.objective": cfg.data.objective})
     tracking.log_params(uri, run_id, {k: v for k, v in {**cfg.flat(), "data.shards": str(shards),
                                                          "data.examples": stats["examples"]}.items()},

@@ -30,12 +30,12 @@ class LadderSideClassifier(nn.Module):
         self.expert, self.skip = expert, expert_layers // side_layers
         for p in self.expert.parameters():
             p.requires_grad_(False)
-        self.side_config = replace(expert.config, hidden_size=side_hidden, num_heads=side_heads,
-                                   intermediate_size=side_ffn, num_layers=side_layers, dropout=dropout)
+        side_config = replace(expert.config, hidden_size=side_hidden, num_heads=side_heads,
+                              intermediate_size=side_ffn, num_layers=side_layers, dropout=dropout)
         width = expert.config.hidden_size
         self.side_input = nn.Linear(width, side_hidden, bias=False)
         self.ladders = nn.ModuleList(nn.Linear(width, side_hidden, bias=False) for _ in range(side_layers))
-        self.side = nn.ModuleList(RoFormerLayer(self.side_config) for _ in range(side_layers))
+        self.side = nn.ModuleList(RoFormerLayer(side_config) for _ in range(side_layers))
         self.classifier = nn.Linear(side_hidden, num_labels)
         std = 1.13684723 / math.sqrt(side_hidden) / math.sqrt(side_layers)
         for module in [self.side_input, *self.ladders, *self.side.modules()]:
