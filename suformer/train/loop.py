@@ -168,6 +168,26 @@ def _finite_on_every_rank(loss: torch.Tensor) -> bool:
     return bad.item() == 0
 
 
+@torch.no_grad()
+def step_sums(loss: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[loss x predicted tokens, correctly predicted tokens, predicted tokens, input tokens] of one micro-batch,
+    float64 on the device (summed over a logging window, read once).
+
+    A token counts as correct when its label's logit is the row's maximum. That is argmax == label without the
+    index search: on CPU a max over the vocabulary costs a fifteenth of an argmax, which was ~4% of a tiny model's
+    step. The two differ only when the label ties another token for the maximum exactly.
+    """
+    labels = batch["labels"]
+    predicted = labels != -100
+    label_logit = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    correct = ((label_logit >= logits.amax(-1)) & predicted).sum()
+    inputs = (batch["input_ids"] != 0).sum()
+    if "decoder_input_ids" in batch:
+        inputs = inputs + (batch["decoder_input_ids"] != 0).sum()
+    n = predicted.sum()
+    return torch.stack([loss.detach() * n, correct, n, inputs]).double()
+
+
 def _say(line: str) -> None:
     """A progress line, once: Ray Train patches print() in workers to also feed its logger (printed twice)."""
     sys.stdout.write(f"[suformer] {line}\n")
@@ -250,15 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
                 grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
                 grad_norm = torch.stack(grads).norm().item()
             engine.step()
-            with torch.no_grad():
-                labels = batch["labels"]
-                predicted = labels != -100
-                n = predicted.sum()
-                correct = ((out.logits.argmax(-1) == labels) & predicted).sum()  # no copy of the logits
-                inputs = (batch["input_ids"] != 0).sum()
-                if "decoder_input_ids" in batch:
-                    inputs = inputs + (batch["decoder_input_ids"] != 0).sum()
-                window += torch.stack([out.loss.detach() * n, correct, n, inputs]).double()
+            window += step_sums(out.loss, out.logits, batch)
         if stopped:
             break
         step += 1

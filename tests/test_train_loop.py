@@ -1,0 +1,68 @@
+"""Pieces of the pretraining worker loop, each against an obvious reference: the metric sums, and the micro-batch
+stream read from Ray Data (order across epochs, resume positions), streamed or kept in the object store."""
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from suformer.train.batches import StreamPosition, collate, micro_batches
+from suformer.train.loop import step_sums
+
+
+def test_step_sums_count_what_argmax_counts():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 50)
+    labels = torch.randint(0, 50, (4, 9))
+    labels[:2, :4] = logits[:2, :4].argmax(-1)  # some right answers
+    labels[:, 7:] = -100  # nothing predicted there
+    batch = {"labels": labels, "input_ids": torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0], [1, 2, 3, 4], [9, 9, 9, 0]]),
+             "decoder_input_ids": torch.tensor([[3, 0], [4, 4], [0, 0], [8, 0]])}
+    loss = torch.tensor(2.5)
+
+    sums = step_sums(loss, logits, batch)
+
+    predicted = labels != -100
+    correct = sum(int(logits[i, t].argmax() == labels[i, t]) for i in range(4) for t in range(9) if predicted[i, t])
+    assert correct >= 8
+    assert sums.dtype == torch.float64
+    assert sums.tolist() == [2.5 * 28, correct, 28, 10 + 4]  # non-pad encoder + decoder inputs
+
+
+def _shards(tmp_path, sizes):
+    """Parquet files of PEGASUS rows whose ids say where they come from: (file, row) -> input_ids [file, row]."""
+    files = []
+    for f, n in enumerate(sizes):
+        rows = [{"input_ids": [100 + f, 1 + r, 2], "target_ids": [1, 500 + r, 2], "num_tokens": 3} for r in range(n)]
+        path = tmp_path / f"shard-{f:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
+        files.append(str(path))
+    return files
+
+
+def _stream(files, position, count, in_memory_bytes, micro=4):
+    from suformer.train.pretrain import OrderedShards
+
+    [split] = OrderedShards(files, in_memory_bytes).configure({}, 1, None, None)
+    stream = micro_batches(split["train"], "pegasus", micro, None, position)
+    return [next(stream) for _ in range(count)]
+
+
+@pytest.mark.parametrize("in_memory_bytes", [0, 2**20], ids=["streamed", "in-memory"])
+def test_micro_batches_cycle_epochs_in_order_and_resume_mid_epoch(ray_cluster, tmp_path, in_memory_bytes):
+    files = _shards(tmp_path, [10, 7])  # 17 rows an epoch: 4 full micro-batches and one of a single row
+    got = _stream(files, StreamPosition(), 12, in_memory_bytes)
+
+    rows = pq.read_table(files[0]).to_pylist() + pq.read_table(files[1]).to_pylist()
+    expected, position = [], StreamPosition()
+    for epoch in range(3):  # the obvious reading: each epoch in file order, cut into fours
+        for start in range(0, 17, 4):
+            chunk = rows[start:start + 4]
+            position = StreamPosition(epoch, start + len(chunk))
+            expected.append((collate("pegasus", chunk), position))
+    for (batch, pos), (want, want_pos) in zip(got, expected[:12]):
+        assert pos == want_pos
+        assert {k: v.tolist() for k, v in batch.items()} == {k: v.tolist() for k, v in want.items()}
+
+    resumed = _stream(files, got[6][1], 5, in_memory_bytes)  # from mid-epoch 1: exactly what followed
+    for (batch, pos), (want, want_pos) in zip(resumed, got[7:12]):
+        assert pos == want_pos and torch.equal(batch["input_ids"], want["input_ids"])
