@@ -92,19 +92,6 @@ def _wait_for_step(cfg, step, timeout=300):
     raise TimeoutError(f"step {step} of {cfg.run.name} was never logged")
 
 
-def _wait_for_registered_checkpoint(cfg, timeout=120):
-    """Until Ray Train's checkpoint manager has recorded a checkpoint in its snapshot (what a resubmission restores
-    from). A worker's report reaches the controller on its next poll, which on a loaded machine can trail the
-    step logged to MLflow by seconds."""
-    snapshot = Path(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if snapshot.exists() and "step-000000" in snapshot.read_text():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"no checkpoint of {cfg.run.name} was registered in {snapshot}")
-
-
 def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, tmp_path):
     """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster. The first
     submission's driver is SIGKILLed mid-run (its Train controller and workers die with it); submitting the same
@@ -122,8 +109,7 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, tmp_pa
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", first.stdout).group(0)
     jobs = JobSubmissionClient(ray_cluster.dashboard)
-    _wait_for_step(cfg, 15)
-    _wait_for_registered_checkpoint(cfg)
+    _wait_for_step(cfg, 15)  # Ray Train may not have registered the step-10 checkpoint yet: resumed all the same
     os.kill(int(jobs.get_job_info(job_id).driver_info.pid), signal.SIGKILL)
     deadline = time.time() + 60
     while not jobs.get_job_status(job_id).is_terminal() and time.time() < deadline:
@@ -269,16 +255,21 @@ def test_roformer_v2_objectives_train_and_export(ray_cluster, tmp_path, objectiv
 
 
 def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
-    """A finished run extended with more steps continues from its last checkpoint, in the same MLflow run."""
+    """A finished run extended with more steps continues from its last checkpoint, in the same MLflow run; also
+    when Ray Train never registered that checkpoint (a driver killed between the workers writing it and the
+    controller recording it leaves no snapshot naming it)."""
     from suformer.train.pretrain import run_pretraining
 
     cfg, first = zero_runs[2]
-    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})})
-    again = run_pretraining(longer)
-    run, history = loss_history(longer)
-    assert again["run_id"] == first["run_id"] == run.info.run_id
-    assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6]
-    assert Path(again["checkpoint"]).name == "step-00000006"
+    for steps in (6, 8):
+        longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
+        again = run_pretraining(longer)
+        run, history = loss_history(longer)
+        assert again["run_id"] == first["run_id"] == run.info.run_id
+        assert run.data.tags["suformer.resumed_from"] == f"step-{steps - 2:08d}"
+        assert [s for s, _ in history] == list(range(1, steps + 1))
+        assert Path(again["checkpoint"]).name == f"step-{steps:08d}"
+        (Path(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json").unlink()
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(ray_cluster, tmp_path):

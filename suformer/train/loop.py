@@ -1,12 +1,12 @@
 """The Ray Train worker: plain PyTorch + a DeepSpeed engine + `ray.train.report`.
 
 Every `checkpoint_every` steps each rank saves its DeepSpeed shard plus its data position and RNG state into a
-local directory and reports it; Ray Train merges the ranks' files into one checkpoint and registers it only once
-every rank has reported, so a checkpoint is complete or absent. Each rank also writes, last, a manifest of its
-files and their sizes: a checkpoint damaged afterwards (a truncated copy, a lost file) is recognised on resume and
-the previous complete one is used instead. A restarted worker resumes and replays exactly the same batches and
-dropout masks. A NaN/inf loss on any rank skips that micro-batch on every rank, or stops the run without writing a
-checkpoint (`train.nonfinite_loss`).
+local directory and reports it; Ray Train merges the ranks' files into one checkpoint folder of the run. Each
+rank also writes, last, a manifest of its files and their sizes. A (re)started worker resumes from the newest
+complete folder, whether Ray Train registered it or not (a killed driver may not have); one damaged afterwards
+(a truncated copy, a lost file) is recognised from the manifests and the previous complete one is used instead.
+A restarted worker replays exactly the same batches and dropout masks. A NaN/inf loss on any rank skips that
+micro-batch on every rank, or stops the run without writing a checkpoint (`train.nonfinite_loss`).
 """
 from __future__ import annotations
 
@@ -108,23 +108,11 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
-def _checkpoint_name(checkpoint) -> str:
-    return checkpoint.path.rstrip("/").rsplit("/", 1)[1]
-
-
-def _resume_candidates(checkpoint):
-    """The latest checkpoint, then older ones of the same run (newest first), as Ray Checkpoints."""
-    import pyarrow.fs
-    import ray.train
-
-    yield checkpoint
-    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    siblings = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-    older = sorted((i.path for i in siblings if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("step-") and i.base_name < _checkpoint_name(checkpoint)),
-                   reverse=True)
-    for path in older:
-        yield ray.train.Checkpoint(path, filesystem=checkpoint.filesystem)
+def _checkpoints_newest_first(run_storage: Path) -> list[Path]:
+    """Every checkpoint folder the run has written, newest first, whether Ray Train registered it or not: a job
+    driver killed between the workers writing a checkpoint and Ray Train's controller recording it (it polls the
+    workers) leaves that checkpoint on disk but not in Ray Train's snapshot, and a resubmission would start over."""
+    return sorted((p for p in run_storage.glob("step-*") if p.is_dir()), reverse=True)
 
 
 def _restore(engine, directory: Path, rank: int, world: int) -> tuple[dict, StreamPosition]:
@@ -139,19 +127,18 @@ def _restore(engine, directory: Path, rank: int, world: int) -> tuple[dict, Stre
     return state, position
 
 
-def _resume(engine, latest, rank: int, world: int) -> tuple[dict, StreamPosition, dict]:
+def _resume(engine, checkpoints: list[Path], rank: int, world: int) -> tuple[dict, StreamPosition, dict]:
     """Restore the newest complete checkpoint, skipping damaged ones; returns (train state, position, MLflow tags)."""
     skipped = []
-    for candidate in _resume_candidates(latest):
-        with candidate.as_directory() as d:  # one download per candidate on remote storage
-            problem = checkpoint_problem(Path(d))
-            if problem is None:
-                state, position = _restore(engine, Path(d), rank, world)
-                break
-        skipped.append(f"{_checkpoint_name(candidate)} ({problem})")
+    for directory in checkpoints:
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            state, position = _restore(engine, directory, rank, world)
+            break
+        skipped.append(f"{directory.name} ({problem})")
     else:
         raise RuntimeError(f"no complete checkpoint to resume from: {'; '.join(skipped)}")
-    tags = {"suformer.resumed_from": _checkpoint_name(candidate)}
+    tags = {"suformer.resumed_from": directory.name}
     if skipped:
         tags["suformer.skipped_checkpoints"] = "; ".join(skipped)
         if rank == 0:
@@ -221,10 +208,10 @@ def train_loop_per_worker(config: dict) -> None:
                                            config=deepspeed_config(t))
     device = engine.device
     step, position, nonfinite_skipped = 0, StreamPosition(), 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoints = _checkpoints_newest_first(Path(config["checkpoints"]))
     resumed_from = {}
-    if checkpoint:
-        state, position, resumed_from = _resume(engine, checkpoint, rank, world)
+    if checkpoints:
+        state, position, resumed_from = _resume(engine, checkpoints, rank, world)
         step, nonfinite_skipped = state["step"], state.get("nonfinite_skipped", 0)
         if rank == 0:
             _say(f"resumed from checkpoint at step {step}")

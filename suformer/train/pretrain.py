@@ -147,15 +147,16 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     if tracking.run_tags(uri, run_id).get(STOPPED_TAG):
         tracking.delete_tag(uri, run_id, STOPPED_TAG)  # this attempt will set it again if it stops too
 
+    storage = root / "checkpoints"  # Ray Train keeps this run's checkpoints in storage / run name
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_id": run_id, "tracking_uri": uri,
-                           "vocab_size": len(tokenizer)},
+                           "vocab_size": len(tokenizer), "checkpoints": str(storage / cfg.run.name)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=str(root / "checkpoints"),
+            name=cfg.run.name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
