@@ -122,3 +122,22 @@ def test_job_tracks_into_the_login_server_without_leaking_credentials(ray_cluste
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, no bucket creds in jobs
     recorded = list(run.data.params.values()) + list(run.data.tags.values())
     assert not any(mlflow_server.password in str(value) for value in recorded)
+
+
+def test_node_metrics_are_where_the_readme_sends_prometheus_and_ask_no_token(ray_cluster):
+    """The head's generated Prometheus config discovers every node's metrics endpoint, each serving Ray's series;
+    the endpoints do not check the cluster token (why the README keeps them inside the cluster network)."""
+    import json
+
+    import ray
+    import yaml
+
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    config = yaml.safe_load((session / "metrics" / "prometheus" / "prometheus.yml").read_text())
+    [discovery] = config["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    targets = {t for group in json.loads(Path(discovery).read_text()) for t in group["targets"]}
+    nodes = {f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n["Alive"]}
+    assert nodes <= targets
+    for target in nodes:
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:  # no Authorization header
+            assert b"\nray_" in response.read()
