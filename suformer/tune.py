@@ -17,6 +17,7 @@ from pathlib import Path
 from .config import FinetuneConfig, SweepConfig
 
 TRICK_TAG, SEED_TAG, STOPPED_EARLY_TAG = "suformer.trick", "suformer.seed", "suformer.stopped_early"
+TRIAL_TAG = "suformer.trial_id"  # Tune's trial id, to settle a run its trial could not close
 
 
 def trial_config(sweep: SweepConfig, trick: str, seed: int, sampled: dict) -> FinetuneConfig:
@@ -71,11 +72,13 @@ def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
     cfg = trial_config(sweep, config["trick"], config["seed"], sampled)
     uri = cfg.tracking_uri
     run_id = tracking.create_child_run(uri, cfg.run.experiment, parent_id, f"{config['trick']}-seed{config['seed']}",
-                                       tags={TRICK_TAG: config["trick"], SEED_TAG: str(config["seed"])})
+                                       tags={TRICK_TAG: config["trick"], SEED_TAG: str(config["seed"]),
+                                             TRIAL_TAG: tune.get_context().get_trial_id()})
     tracking.log_params(uri, run_id, {**cfg.flat(), "sweep.trick": config["trick"]})
     try:
         out = finetune(cfg, run_id, report=tune.report)
-    except SystemExit:  # the scheduler (ASHA) stopped the trial: tune.report exits the training thread
+    except SystemExit:  # the scheduler (ASHA) stopped the trial: tune.report exits the training thread.
+        # Best effort: Tune may tear the actor down while this is under way; run_sweep settles the run either way.
         tracking.set_tag(uri, run_id, STOPPED_EARLY_TAG, "true")
         tracking.finish_run(uri, run_id, "KILLED")
         raise
@@ -84,6 +87,24 @@ def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
         raise
     save_finetuned(out, cfg, sweep.trials_dir / run_id)
     tracking.finish_run(uri, run_id)
+
+
+def close_orphaned_runs(uri: str, children: list, clean_trials: set) -> None:
+    """Settle the child runs their trials left RUNNING. Tune stops a trial by exiting its training thread inside
+    `tune.report` and then tears the actor down without waiting for that thread, so a stopped trial's own handler
+    can be cut off inside its MLflow calls (seen on a loaded machine). The driver knows how each trial ended: one
+    Tune ended without error (`clean_trials`, by trial id) was stopped early, so KILLED and tagged; any other (it
+    raised, or its process died with a lost node) is FAILED."""
+    from . import tracking
+
+    for child in children:
+        if child.info.status != "RUNNING":
+            continue
+        if child.data.tags.get(TRIAL_TAG) in clean_trials:
+            tracking.set_tag(uri, child.info.run_id, STOPPED_EARLY_TAG, "true")
+            tracking.finish_run(uri, child.info.run_id, "KILLED")
+        else:
+            tracking.finish_run(uri, child.info.run_id, "FAILED")
 
 
 def comparison(children: list[dict], compare_on: str) -> list[dict]:
@@ -150,13 +171,16 @@ def comparison_plot(rows: list[dict], compare_on: str, path: Path) -> None:
     plt.close(fig)
 
 
-def run_sweep(sweep: SweepConfig) -> dict:
-    """Run the sweep on the connected (or a local) Ray cluster; returns the parent run id and the comparison."""
+def run_sweep(sweep: SweepConfig, stop: dict | None = None) -> dict:
+    """Run the sweep on the connected (or a local) Ray cluster; returns the parent run id and the comparison.
+    `stop`: Tune stop criteria for every trial (RunConfig.stop), e.g. {"epoch": 1} for a smoke sweep; a trial
+    stopped by them ends like one ASHA stopped."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from . import tracking
+    from .ray_connect import connect_or_start
 
     base = sweep.finetune
     uri = base.tracking_uri
@@ -165,8 +189,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
     sweep = sweep.model_copy(update={"finetune": base.model_copy(update={"run": base.run.model_copy(
         update={"tracking_uri": uri})})})
     root = Path(base.run.root).expanduser().resolve()
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    connect_or_start()
     # A new parent per sweep run: children of an earlier sweep with the same name must not enter this comparison.
     parent_id, _ = tracking.open_run(uri, base.run.experiment, sweep.name, run_root=root,
                                      tags={"suformer.kind": "sweep"}, resume=False)
@@ -200,7 +223,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler, search_alg=search_alg,
                                     num_samples=num_samples, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=str(root / "tune"), verbose=1),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=str(root / "tune"), stop=stop, verbose=1),
     )
     try:
         grid = tuner.fit()
@@ -209,9 +232,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
         raise
 
     children = tracking.child_runs(uri, parent_id)
-    for child in children:  # a trial whose process died (a lost node) could not close its run; it stays out below
-        if child.info.status == "RUNNING":
-            tracking.finish_run(uri, child.info.run_id, "FAILED")
+    close_orphaned_runs(uri, children, clean_trials={r.metrics.get("trial_id") for r in grid if r.error is None})
     finished = [{"trick": c.data.tags[TRICK_TAG], "metrics": c.data.metrics, "run_id": c.info.run_id}
                 for c in children if c.info.status == "FINISHED"]
     rows = comparison(finished, sweep.compare_on)

@@ -84,6 +84,12 @@ def test_sweep_of_five_tricks_and_two_seeds_makes_parent_child_runs_table_plot_a
     with torch.no_grad():
         assert loaded(input_ids=torch.tensor([[2, 300, 400, 3]])).logits.shape == (1, 2)
     assert list(Path(result["tune_path"]).rglob("events.out.tfevents*"))  # TensorBoard on the Tune folder
+    import subprocess
+    import sys
+
+    inspected = subprocess.run([str(Path(sys.executable).parent / "tensorboard"), "--inspect", "--logdir",
+                                result["tune_path"]], capture_output=True, text=True, timeout=120)
+    assert inspected.returncode == 0 and "dev/accuracy" in inspected.stdout, inspected.stderr[-2000:]  # sweep.py's command
 
     # The MLflow UI's compare view, rendered by real headless Chromium from a real `mlflow server`, lists every
     # child run with the trick as a param.
@@ -126,6 +132,106 @@ def test_comparison_statistics_against_welchs_formula():
     dof = (var_a + var_b) ** 2 / (var_a**2 / 1 + var_b**2 / 2)
     assert rows["fgm"]["p_value"] == pytest.approx(2 * stats.t.sf(t, dof), rel=1e-6)
     assert rows["fgm"]["epoch_time_s"] == 4.0 and rows["none"]["runs"] == 3
+
+
+def test_runs_their_trials_left_open_are_killed_if_tune_ended_the_trial_cleanly_else_failed(tmp_path):
+    from suformer import tracking
+    from suformer.tune import STOPPED_EARLY_TAG, TRIAL_TAG, close_orphaned_runs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent, _ = tracking.open_run(uri, "sweeps", "sweep", run_root=tmp_path)
+    for trial in ("stopped", "crashed", "done"):
+        tracking.create_child_run(uri, "sweeps", parent, trial, tags={TRIAL_TAG: trial})
+    done = next(c for c in tracking.child_runs(uri, parent) if c.data.tags[TRIAL_TAG] == "done")
+    tracking.finish_run(uri, done.info.run_id)
+
+    close_orphaned_runs(uri, tracking.child_runs(uri, parent), clean_trials={"stopped", "done"})
+
+    runs = {c.data.tags[TRIAL_TAG]: c for c in tracking.child_runs(uri, parent)}
+    assert {t: r.info.status for t, r in runs.items()} == {"stopped": "KILLED", "crashed": "FAILED", "done": "FINISHED"}
+    assert {t for t, r in runs.items() if r.data.tags.get(STOPPED_EARLY_TAG) == "true"} == {"stopped"}
+
+
+class _HoldingProxy:
+    """An HTTP proxy in front of the MLflow server that holds each request whose body contains `marker` for
+    `hold_s` seconds before passing it on: a stopped trial marking its run is still inside that MLflow call when
+    Tune tears its actor down, every time rather than on a loaded machine only."""
+
+    def __init__(self, target: str, marker: bytes, hold_s: float):
+        import http.server
+        import threading
+        import time
+        import urllib.error
+        import urllib.request
+
+        proxy = self
+        self.held = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if marker in body:
+                    proxy.held += 1
+                    time.sleep(hold_s)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                request = urllib.request.Request(target + self.path, data=body if body else None, headers=headers,
+                                                 method=self.command)
+                try:
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        status, reply, content = response.status, response.headers, response.read()
+                except urllib.error.HTTPError as e:
+                    status, reply, content = e.code, e.headers, e.read()
+                self.send_response(status)
+                for key, value in reply.items():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.slow
+def test_a_stopped_trial_cut_off_inside_its_mlflow_calls_still_ends_killed(ray_cluster, mlflow_server, tmp_path,
+                                                                          monkeypatch):
+    """Tune stops a trial after its first epoch (a stop criterion: the same path as an ASHA decision) while the
+    trial's handler is held inside its MLflow call marking the run stopped early: the run ends KILLED and tagged,
+    never FAILED, whatever the timing."""
+    from mlflow.tracking import MlflowClient
+
+    from suformer.config import SweepConfig
+    from suformer.tune import run_sweep
+
+    proxy = _HoldingProxy(mlflow_server.url, marker=b"suformer.stopped_early", hold_s=8)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.username)  # the nodes have them already
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.password)
+    sets = [f"finetune.run.root={tmp_path}", f"finetune.run.tracking_uri={proxy.url}", "name=stopped-trial",
+            "finetune.run.experiment=stopped-trials", 'tricks={"none": {}}', "seeds=[0]", "register_as=null",
+            "finetune.train.epochs=2", "finetune.data.max_train_examples=200", "finetune.data.max_eval_examples=100"]
+    try:
+        result = run_sweep(load_config(SWEEP, sets, schema=SweepConfig), stop={"epoch": 1})
+    finally:
+        proxy.close()
+    assert proxy.held >= 1 and result["errors"] == 0 and result["children"] == 1
+
+    client = MlflowClient(mlflow_server.url)
+    (child,) = client.search_runs([client.get_run(result["parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert child.info.status == "KILLED" and child.data.tags["suformer.stopped_early"] == "true"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "dev/accuracy")] == [1]
+    assert "test/accuracy" not in child.data.metrics
+    assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("sweep_*.yaml")), ids=lambda p: p.stem)
@@ -171,6 +277,7 @@ def test_sweep_submitted_with_ray_job_submit_optuna_search_and_asha(ray_cluster,
     children = client.search_runs([experiment.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["suformer.trick"] for c in children) == ["ema", "ema", "none", "none"]
+    assert len({c.data.tags["suformer.trial_id"] for c in children}) == 4  # each run knows its Tune trial
     rates = [float(c.data.params["train.lr"]) for c in children]
     assert len(set(rates)) == 4 and all(1e-4 <= r <= 3e-3 for r in rates)  # proposed per trial, in range
     for child in children:  # a trial ASHA stopped has fewer epochs and no test score, but it is not a failure
