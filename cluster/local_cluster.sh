@@ -48,9 +48,17 @@ start() {
   done
   ensure_token
   auth_env
+  preflight "$port" "$dashboard_port"
   echo "starting head (127.0.0.1:$port, dashboard 127.0.0.1:$dashboard_port, $cpus CPUs)"
-  "$RAY" start --head --node-ip-address=127.0.0.1 --port="$port" --num-cpus="$cpus" \
-    --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --include-dashboard=true \
+  # The head in a temp dir of its own too, not Ray's shared /tmp/ray: two clusters on one machine (a user's and
+  # a test run's) then never share session files, and `stop` finds exactly this cluster's processes.
+  local head_tmp="${TMPDIR:-/tmp}/suformer-ray-$port-head"
+  echo "$head_tmp" > "$STATE_DIR/head_dir"
+  # Ray Client's server on a free port, not the fixed 10001 a second cluster on the machine would also want.
+  local client_port
+  client_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$RAY" start --head --node-ip-address=127.0.0.1 --port="$port" --num-cpus="$cpus" --temp-dir="$head_tmp" \
+    --ray-client-server-port="$client_port" --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --include-dashboard=true \
     --disable-usage-stats > "$STATE_DIR/head.log" 2>&1 || { cat "$STATE_DIR/head.log" >&2; exit 1; }
   printf '%s\n' "$port" "$dashboard_port" > "$STATE_DIR/ports"
   rm -f "$STATE_DIR/node_dirs"
@@ -63,6 +71,34 @@ start() {
     sleep 2
   done
   echo "cluster up: $((workers + 1)) nodes, accepting jobs. Next: eval \"\$($0 env)\""
+}
+
+preflight() {  # port, dashboard_port: refuse to start over a running cluster or on ports in use, saying what to do
+  if [[ -f "$STATE_DIR/ports" ]]; then
+    local old_port
+    old_port=$(head -1 "$STATE_DIR/ports")
+    # Something listening on its GCS port that answers as Ray (`ray status` alone waits ~40 s on a dead port).
+    if python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2).close()' \
+        "$old_port" 2> /dev/null && "$RAY" status --address "127.0.0.1:$old_port" > /dev/null 2>&1; then
+      echo "local_cluster.sh: a cluster from $STATE_DIR is already running on 127.0.0.1:$old_port." >&2
+      echo "  Use it:      eval \"\$($0 env)\"" >&2
+      echo "  or stop it:  $0 stop" >&2
+      exit 1
+    fi
+    echo "the cluster last started from $STATE_DIR is no longer running: clearing its state"
+    stop_cluster
+  fi
+  local p
+  for p in "$@"; do
+    # SO_REUSEADDR as servers bind: a port some connection of a stopped cluster still holds in TIME_WAIT is free.
+    if ! python3 -c 'import socket as s, sys; k = s.socket(); k.setsockopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1)
+k.bind(("127.0.0.1", int(sys.argv[1])))' "$p" 2> /dev/null; then
+      echo "local_cluster.sh: port $p on 127.0.0.1 is in use, perhaps by another Ray instance on this machine" >&2
+      echo "  (see: ray status; a stale one is stopped with: ray stop --force, which stops every Ray instance" >&2
+      echo "  of this user). Or choose free ports: $0 start --port P --dashboard-port D" >&2
+      exit 1
+    fi
+  done
 }
 
 start_worker_node() {  # port, cpus
@@ -93,10 +129,32 @@ remove_node() {
   [[ -n "$node_tmp" ]] || { echo "no worker node $1 in $STATE_DIR/node_dirs" >&2; exit 1; }
   # The node's daemons (raylet, agents, log monitor) name its temp dir on their command lines; its workers are
   # the raylet's children and rename themselves (ray::...), so they are found by parentage.
-  local pids
-  pids=$(pgrep -f -- "$node_tmp/") || { echo "worker node $1 has no running process" >&2; exit 1; }
-  kill -KILL $pids $(descendants $pids) 2>/dev/null || true
+  node_processes "$node_tmp" > /dev/null || { echo "worker node $1 has no running process" >&2; exit 1; }
+  kill -KILL $(node_processes "$node_tmp") 2>/dev/null || true
   echo "killed worker node $1 ($node_tmp)"
+}
+
+node_processes() {  # a node's temp dir -> its processes (1 if none)
+  local pids
+  pids=$(pgrep -f -- "$1/") || return 1
+  echo $pids $(descendants $pids)
+}
+
+stop_cluster() {  # this cluster's nodes only, head last: SIGTERM, up to 10 s to exit, then SIGKILL
+  local dirs=() dir pids tries
+  [[ -f "$STATE_DIR/node_dirs" ]] && mapfile -t dirs < "$STATE_DIR/node_dirs"
+  [[ -f "$STATE_DIR/head_dir" ]] && dirs+=("$(cat "$STATE_DIR/head_dir")")
+  for dir in "${dirs[@]}"; do
+    if pids=$(node_processes "$dir"); then
+      kill -TERM $pids 2>/dev/null || true
+      for ((tries = 0; tries < 20; tries++)); do node_processes "$dir" > /dev/null || break; sleep 0.5; done
+      if pids=$(node_processes "$dir"); then kill -KILL $pids 2>/dev/null || true; fi
+    fi
+    rm -rf "$dir"
+  done
+  # The head's Ray Client server names no temp dir, only the head's GCS address.
+  [[ -f "$STATE_DIR/ports" ]] && pkill -f -- "ray.util.client.server --address=[^ ]*:$(head -1 "$STATE_DIR/ports") " || true
+  rm -f "$STATE_DIR/ports" "$STATE_DIR/node_dirs" "$STATE_DIR/head_dir"
 }
 
 descendants() {
@@ -117,11 +175,7 @@ print_env() {
 
 case "${1:-}" in
   start) shift; start "$@" ;;
-  stop)
-    auth_env
-    "$RAY" stop --force
-    if [[ -f "$STATE_DIR/node_dirs" ]]; then xargs rm -rf < "$STATE_DIR/node_dirs"; fi
-    rm -f "$STATE_DIR/ports" "$STATE_DIR/node_dirs" ;;
+  stop) stop_cluster; echo "stopped the cluster of $STATE_DIR" ;;
   add-node) shift; add_node "$@" ;;
   remove-node) shift; remove_node "$@" ;;
   status) auth_env; eval "$(print_env)"; "$RAY" status --address "$RAY_ADDRESS" ;;
