@@ -236,6 +236,9 @@ class FinetuneTrainSection(_Strict):
     # state in CPU memory on a GPU). ZeRO-3 is refused: it partitions the very parameters the tricks read.
     zero_stage: Optional[Literal[0, 1, 2]] = None
     offload_optimizer: bool = False
+    # The DeepSpeed engine's precision, as in pretraining: auto is bf16 on a GPU and fp32 on CPU. Plain PyTorch
+    # (zero_stage unset) trains in fp32.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 class FinetuneConfig(_Job):
@@ -292,6 +295,8 @@ class FinetuneConfig(_Job):
         if zero is not None and tricks.adversarial != "none" and tricks.ptuning != "none":
             raise ValueError("under a DeepSpeed engine the adversarial tricks run one backward, which P-tuning's "
                              "tied MLM decoder cannot share with a perturbed embedding: drop one of them")
+        if self.train.precision == "bf16" and zero is None:
+            raise ValueError("train.precision bf16 is the DeepSpeed engine's: set train.zero_stage (0, 1 or 2)")
         if self.train.offload_optimizer and not zero:
             raise ValueError("train.offload_optimizer needs train.zero_stage 1 or 2")
         if tricks.sparse_softmax_k and tricks.rdrop_alpha:

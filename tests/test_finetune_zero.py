@@ -10,11 +10,12 @@ from suformer.config import ConfigError, FinetuneConfig, load_config
 from suformer.train.finetune import finetune
 
 
-def run(tmp_path, tricks: dict, zero, task="sentiment"):
+def run(tmp_path, tricks: dict, zero, task="sentiment", precision="auto"):
     cfg = FinetuneConfig.model_validate({
         "model": {"family": "t5_pegasus" if task == "idiom" else "roformer_v2", "dropout": 0.0},
         "data": {"task": task, "max_train_examples": 96, "max_eval_examples": 16, "max_len": 32},
-        "tricks": tricks, "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "threads": 2, "zero_stage": zero},
+        "tricks": tricks, "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "threads": 2, "zero_stage": zero,
+                  "precision": precision},
         "run": {"root": str(tmp_path)}})
     out = finetune(cfg)
     return out["metrics"]["train/loss"], out["model"].state_dict()
@@ -45,7 +46,17 @@ def test_tricks_under_zero_train_the_same_weights_as_plain_pytorch(tmp_path, tri
     (["train.zero_stage=1", "tricks.child_tuning=F"], "ZeRO-1 has already reduced them into its partitions"),
     (["train.zero_stage=0", "tricks.ptuning=prompt", "tricks.adversarial=fgm"], "P-tuning's tied MLM decoder"),
     (["train.offload_optimizer=true"], "train.offload_optimizer needs train.zero_stage 1 or 2"),
+    (["train.precision=bf16"], "train.precision bf16 is the DeepSpeed engine's: set train.zero_stage"),
 ])
 def test_combinations_zero_cannot_run_are_refused_naming_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides, schema=FinetuneConfig)
+
+
+def test_bf16_precision_trains_in_bf16_inside_the_engine_and_close_to_fp32(tmp_path):
+    """train.precision as in pretraining (auto: bf16 on a GPU); asked for explicitly it runs on CPU too."""
+    fp32_loss, fp32 = run(tmp_path, {}, 2)
+    bf16_loss, bf16 = run(tmp_path, {}, 2, precision="bf16")
+    assert {v.dtype for k, v in bf16.items() if v.is_floating_point()} == {torch.bfloat16}
+    assert {v.dtype for k, v in fp32.items() if v.is_floating_point()} == {torch.float32}
+    assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2)  # bf16 keeps 8 bits of mantissa

@@ -1,5 +1,8 @@
 """Pieces of the pretraining worker loop, each against an obvious reference: the metric sums, and the micro-batch
 stream read from Ray Data (order across epochs, resume positions), streamed or kept in the object store."""
+import json
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -66,3 +69,38 @@ def test_micro_batches_cycle_epochs_in_order_and_resume_mid_epoch(ray_cluster, t
     resumed = _stream(files, got[6][1], 5, in_memory_bytes)  # from mid-epoch 1: exactly what followed
     for (batch, pos), (want, want_pos) in zip(resumed, got[7:12]):
         assert pos == want_pos and torch.equal(batch["input_ids"], want["input_ids"])
+
+
+def _checkpoint(storage: Path, step: int, complete: bool = True) -> None:
+    folder = storage / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "train_state.json").write_text(json.dumps({"step": step, "world_size": 1}))
+    (folder / "weights.pt").write_bytes(b"x" * 64)
+    if complete:  # a rank's manifest, written last: its files and their sizes
+        (folder / "manifest_rank0.json").write_text(json.dumps({p.name: p.stat().st_size for p in folder.iterdir()}))
+
+
+def test_keep_checkpoints_prunes_folders_ray_train_never_registered_and_nothing_it_did(tmp_path):
+    from suformer.train.loop import prune_unregistered_checkpoints
+
+    for step in (10, 20, 30, 40, 50, 60):
+        _checkpoint(tmp_path, step, complete=step != 60)  # 60: still being written
+    # A killed driver's attempt wrote 10-30, of which Ray Train registered 10; the resubmission registered 40, 50.
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": f"step-{s:08d}"} for s in (10, 40, 50)]}))
+
+    pruned = prune_unregistered_checkpoints(tmp_path, keep=2)
+
+    assert sorted(p.name for p in pruned) == ["step-00000020", "step-00000030"]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [f"step-{s:08d}" for s in (10, 40, 50, 60)]
+
+
+def test_nothing_is_pruned_before_ray_train_has_registered_a_newer_checkpoint(tmp_path):
+    from suformer.train.loop import prune_unregistered_checkpoints
+
+    for step in (10, 20, 30):
+        _checkpoint(tmp_path, step)
+    assert prune_unregistered_checkpoints(tmp_path, keep=1) == []  # no snapshot yet: 10 and 20 may still register
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps({"paths": [str(tmp_path / "step-00000010")]}))
+    assert prune_unregistered_checkpoints(tmp_path, keep=1) == []  # 20 may still be registered after 10
+    assert len(list(tmp_path.glob("step-*"))) == 3

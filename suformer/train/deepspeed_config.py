@@ -5,9 +5,9 @@ from __future__ import annotations
 from ..config import TrainSection
 
 
-def use_bf16(train: TrainSection) -> bool:
+def use_bf16(precision: str, on_gpu: bool) -> bool:
     """bf16 on GPU unless fp32 is asked for; fp32 on CPU (T5 diverges in fp16, so fp16 is not offered)."""
-    return train.precision == "bf16" or (train.precision == "auto" and train.use_gpu)
+    return precision == "bf16" or (precision == "auto" and on_gpu)
 
 
 def deepspeed_config(train: TrainSection) -> dict:
@@ -28,7 +28,7 @@ def deepspeed_config(train: TrainSection) -> dict:
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * train.num_workers,
         "gradient_clipping": train.grad_clip,
-        "bf16": {"enabled": use_bf16(train)},
+        "bf16": {"enabled": use_bf16(train.precision, train.use_gpu)},
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # progress lines come from the training loop
         "wall_clock_breakdown": False,

@@ -90,6 +90,10 @@ def _deepspeed_engine(model, optimizer, schedule, t):
     import deepspeed
     import torch.distributed as dist
 
+    from .deepspeed_config import use_bf16
+    from .jit_ops import load_deepspeed_ops, ops_for
+
+    load_deepspeed_ops(ops_for(torch.cuda.is_available(), t.offload_optimizer))
     if not dist.is_initialized():
         import socket
 
@@ -104,7 +108,8 @@ def _deepspeed_engine(model, optimizer, schedule, t):
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     config = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": 1,
-              "gradient_clipping": t.grad_clip, "zero_optimization": zero, "bf16": {"enabled": False},
+              "gradient_clipping": t.grad_clip, "zero_optimization": zero,
+              "bf16": {"enabled": use_bf16(t.precision, torch.cuda.is_available())},
               "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     return engine
@@ -148,6 +153,11 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     train = task.encode(train_rows, tokenizer)
     dev = task.encode(splits["dev"][: cfg.data.max_eval_examples], tokenizer)
     test = task.encode(splits["test"][: cfg.data.max_eval_examples], tokenizer)
+    if run_id:  # the rows each split used, identified by content: the runs table's Dataset column
+        for split, rows in (("train", train_rows), ("dev", splits["dev"][: cfg.data.max_eval_examples]),
+                            ("test", splits["test"][: cfg.data.max_eval_examples])):
+            tracking.log_dataset(cfg.tracking_uri, run_id, name=cfg.data.task, source=task.source(),
+                                 digest=hashlib.sha256(repr(rows).encode()).hexdigest(), context=split)
 
     # A GPU when the process sees one (Ray gives a trial the GPUs it reserved: sweep.gpus_per_trial).
     task.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

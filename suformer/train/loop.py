@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -24,8 +26,10 @@ import torch.distributed as dist
 
 from ..config import PretrainConfig
 from ..models import build_model, from_pretrained
+from ..ray_connect import ray_data_console_warnings_only
 from .batches import StreamPosition, micro_batches
 from .deepspeed_config import deepspeed_config
+from .jit_ops import load_deepspeed_ops, ops_for
 
 CHECKPOINT_TAG = "state"
 STOPPED_TAG = "suformer.stopped"  # MLflow tag: why the workers stopped the run on purpose
@@ -115,6 +119,25 @@ def _checkpoints_newest_first(run_storage: Path) -> list[Path]:
     return sorted((p for p in run_storage.glob("step-*") if p.is_dir()), reverse=True)
 
 
+def prune_unregistered_checkpoints(run_storage: Path, keep: int) -> list[Path]:
+    """Delete the checkpoint folders Ray Train will never know of (left by a killed driver) that `keep` newer
+    complete folders make useless; returns them. The ones Ray Train registered it prunes itself, and must be left
+    to: it fails on a registered folder that is gone. Ray Train registers reports in order and names each folder
+    in its checkpoint-manager snapshot, so an unnamed folder older than a named one will never be registered;
+    newer ones may still be on their way and stay."""
+    snapshot = run_storage / "checkpoint_manager_snapshot.json"
+    registered = set(re.findall(r"step-\d{8}", snapshot.read_text())) if snapshot.is_file() else set()
+    folders = _checkpoints_newest_first(run_storage)
+    kept = [d for d in folders if checkpoint_problem(d) is None][:keep]
+    if not registered or len(kept) < keep:
+        return []
+    oldest_kept, newest_registered = kept[-1].name, max(registered)
+    pruned = [d for d in folders if d.name not in registered and d.name < min(oldest_kept, newest_registered)]
+    for folder in pruned:
+        shutil.rmtree(folder, ignore_errors=True)
+    return pruned
+
+
 def _restore(engine, directory: Path, rank: int, world: int) -> tuple[dict, StreamPosition]:
     """Load a complete checkpoint into the engine and this rank's RNGs; returns (train state, data position)."""
     engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
@@ -194,6 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = PretrainConfig.model_validate(config["cfg"])
     t = cfg.train
+    ray_data_console_warnings_only()  # each epoch of the worker's shards is a Ray Data execution
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not t.use_gpu:  # one intra-op thread per reserved CPU: no oversubscription between co-located workers
@@ -204,6 +228,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = build(cfg, config["vocab_size"])
     optimizer, schedule = _optimizer(model, cfg)
+    load_deepspeed_ops(ops_for(t.use_gpu, t.offload_optimizer))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(t))
     device = engine.device
@@ -302,6 +327,8 @@ def train_loop_per_worker(config: dict) -> None:
                 _write_manifest(Path(tmp), rank)
                 ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{step:08d}")
+            if rank == 0:
+                prune_unregistered_checkpoints(Path(config["checkpoints"]), t.keep_checkpoints)
     if logger:
         if stopped:  # the driver reads this tag after fit(); no checkpoint is written, the latest is the last good one
             _say(f"stopping: {stopped}; the latest checkpoint is the last good state")

@@ -1,0 +1,36 @@
+"""DeepSpeed's just-in-time built C++ ops, loaded so that a killed build cannot hang every later run.
+
+torch builds an extension under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) and marks the build with a
+plain `lock` file; every other process waits for that file to disappear. A build killed half-way (a Ray job
+stopped, a machine rebooted) leaves the file behind, and from then on each DeepSpeed start on the machine waits
+forever. Here the ops a run needs are loaded first, under an OS file lock (flock) on the extensions folder: the
+kernel releases it when its holder dies, so whoever holds it knows that no suformer process is building, and a
+`lock` file it finds is stale. Once loaded, DeepSpeed's own load of the same op returns the cached module.
+"""
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+
+def ops_for(use_gpu: bool, offload_optimizer: bool) -> list[str]:
+    """The JIT ops a DeepSpeed engine will load: on CPU the shared-memory collective op (built when its comm
+    backend starts), and the CPU Adam kernel when the optimizer state is offloaded."""
+    return (["ShareMemCommBuilder"] if not use_gpu else []) + (["CPUAdamBuilder"] if offload_optimizer else [])
+
+
+def load_deepspeed_ops(names: list[str]) -> None:
+    """Build (once per machine) and load the named DeepSpeed op builders' ops, clearing stale build locks."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            continue  # DeepSpeed skips it too
+        build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
+        with open(build_dir.parent / ".suformer-build.lock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)  # under the flock, nobody is building: a leftover
+            builder.load(verbose=False)
