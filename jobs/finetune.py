@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         out = finetune(cfg, run_id, report=_progress(cfg), splits=splits, progress=True)
         model_dir = cfg.run_dir / "model"
         save_finetuned(out, cfg, model_dir)
-        tracking.log_artifacts(uri, run_id, str(model_dir), "model")
+        tracking.log_model(uri, run_id, str(model_dir), name=cfg.run.name, step=cfg.train.epochs,
+                           model_type=f"{cfg.model.family}-{cfg.data.task}")
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     tested = {k: round(v, 4) for k, v in out["metrics"].items() if k.startswith(("best_dev/", "test/"))}
     print(f"\n[suformer] done: {tested}\n[suformer] best model: {model_dir}")
     print(f"[suformer] MLflow run {run_id} in experiment {cfg.run.experiment!r}. Browse it with:")
-    print(f"    mlflow ui --backend-store-uri {uri}")
+    print(tracking.browse_lines(uri, run_id))
     return 0
 
 

@@ -12,7 +12,7 @@ import sys
 
 from suformer.config import RESUBMIT_MUTABLE, ConfigError, job_arguments, load_config
 from suformer.data.dataset import DataError, corpus_files, vocab_for_init
-from suformer.tracking import changed_settings, recorded_params
+from suformer.tracking import browse_lines, changed_settings, recorded_params
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         return 1
     print(f"\n[suformer] done. Exported model: {result['model_dir']}")
     print(f"[suformer] MLflow run {result['run_id']} in experiment {result['experiment']!r}. Browse it with:")
-    print(f"    mlflow ui --backend-store-uri {result['tracking_uri']}")
+    print(browse_lines(result["tracking_uri"], result["run_id"]))
     return 0
 
 

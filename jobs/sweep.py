@@ -21,6 +21,7 @@ def main(argv=None) -> int:
         return 2
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from suformer.tracking import browse_lines
     from suformer.tune import run_sweep
 
     result = run_sweep(sweep)
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     if result["registered"]:
         print(f"\n[suformer] best dev model registered as {result['registered']}")
     print(f"\n[suformer] MLflow parent run {result['parent_run_id']} in experiment {result['experiment']!r}:")
-    print(f"    mlflow ui --backend-store-uri {result['tracking_uri']}")
+    print(browse_lines(result["tracking_uri"], result["parent_run_id"]))
     print(f"[suformer] Tune results: tensorboard --logdir {result['tune_path']}")
     return 1 if result["errors"] else 0
 

@@ -7,10 +7,13 @@ steps leaves each step once in the history.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
 RUN_NAME_TAG = "suformer.run_name"
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model training.
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def _client(tracking_uri: str):
@@ -35,7 +38,8 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[d
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     artifacts = (Path(run_root) / "mlartifacts").as_uri() if run_root and tracking_uri.startswith("sqlite:") else None
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts,
+                                                                    tags=EXPERIMENT_KIND_TAGS)
     found = _newest_run_named(client, exp_id, run_name) if resume else None
     if found:
         run_id = found.info.run_id
@@ -125,6 +129,41 @@ def log_artifacts(tracking_uri: str, run_id: str, local_dir: str, artifact_path:
     _client(tracking_uri).log_artifacts(run_id, local_dir, artifact_path)
 
 
+def log_dataset(tracking_uri: str, run_id: str, name: str, source: str, digest: str, context: str) -> None:
+    """Record the data a run used as an MLflow dataset input (the runs table's Dataset column): `source` is where
+    it lives (a path or URI), `digest` what identifies its content, `context` its role ("train", "dev", ...)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice ("" and "file") and says so
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        resolved = resolve_dataset_source(source)
+    dataset = MetaDataset(resolved, name=name, digest=digest[:36])
+    _client(tracking_uri).log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+def log_model(tracking_uri: str, run_id: str, local_dir: str, name: str, step: int, model_type: str) -> str:
+    """The files of `local_dir` (a save_pretrained folder, as they are) as an MLflow 3 logged model of the run,
+    linked to it at `step`: the run's Models column and the experiment's Models tab show it, and
+    `models:/<model id>` URIs and the registry can name it. Returns the model id."""
+    from mlflow.entities import LoggedModelOutput
+
+    client = _client(tracking_uri)
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, model_type=model_type)
+    try:
+        client.log_model_artifacts(model.model_id, local_dir)
+    except BaseException:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    return model.model_id
+
+
 def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
     _client(tracking_uri).log_text(run_id, text, artifact_file)
 
@@ -155,6 +194,17 @@ def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
 
 def delete_tag(tracking_uri: str, run_id: str, key: str) -> None:
     _client(tracking_uri).delete_tag(run_id, key)
+
+
+def browse_lines(tracking_uri: str, run_id: str) -> str:
+    """How to look at a run: the `mlflow ui` command for a local store, and the link to its experiment in the
+    model-training view (MLflow 3's UI otherwise opens on its GenAI view, whatever the experiment's kind; it
+    remembers the choice)."""
+    served = tracking_uri.startswith(("http://", "https://"))
+    experiment = _client(tracking_uri).get_run(run_id).info.experiment_id
+    base = tracking_uri.rstrip("/") if served else "http://127.0.0.1:5000"
+    command = "" if served else f"    mlflow ui --backend-store-uri {tracking_uri}\n"
+    return f"{command}    {base}/#/experiments/{experiment}?workflowType=machine_learning"
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -1,6 +1,7 @@
 """`jobs/finetune.py`: shipped configs, bad configs and data (exit 2 before any run exists), and a real run tracked
 in MLflow."""
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,7 @@ def test_ner_job_learns_entities_and_tracks_the_run_in_mlflow(tmp_path, capsys):
     assert finetune_main(argv) == 0
     out = capsys.readouterr().out
     assert "[suformer] epoch 3/3 | loss" in out and "mlflow ui --backend-store-uri" in out
+    assert re.search(r"http://127.0.0.1:5000/#/experiments/\d+\?workflowType=machine_learning", out)  # training view
     cfg = load_config(argv[1], argv[3::2], schema=FinetuneConfig)
     client = MlflowClient(cfg.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.run.experiment)
@@ -87,6 +89,10 @@ def test_ner_job_learns_entities_and_tracks_the_run_in_mlflow(tmp_path, capsys):
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) == 3 and losses[-1] < losses[0] / 2
     assert run.data.metrics["best_dev/f1"] > 0.3 and run.data.metrics["test/f1"] > 0.3, run.data.metrics
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.pt", "model/vocab.txt"}
+    (output,) = run.outputs.model_outputs  # the best model as an MLflow 3 logged model of the run
+    assert output.step == 3 and client.get_logged_model(output.model_id).source_run_id == run.info.run_id
+    assert {a.path for a in client.list_logged_model_artifacts(output.model_id)} >= {"model.pt", "vocab.txt"}
+    inputs = {({t.key: t.value for t in d.tags}["mlflow.data.context"], d.dataset.name) for d in run.inputs.dataset_inputs}
+    assert inputs == {("train", "ner"), ("dev", "ner"), ("test", "ner")}
     model, tokenizer, saved = load_finetuned(cfg.run_dir / "model")
     assert saved == cfg and type(model).__name__ == "GlobalPointerNER" and len(tokenizer) <= cfg.data.vocab_size

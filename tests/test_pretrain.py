@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "jobs" / "configs" / "t5_pegasus_tiny_cpu.yaml")
 
 
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    """One run root for the module's runs (each its own run.name): the vocab and shards they share are built once,
+    as a user's runs on one corpus share them."""
+    return tmp_path_factory.mktemp("runs")
+
+
 def small(root, name, **train):
     """The default CPU config, shrunk to seconds: 600 documents, a few steps, every step logged."""
     sets = [f"run.root={root}", f"run.name={name}", "data.max_documents=600", "data.rows_per_shard=40",
@@ -41,10 +48,10 @@ def loss_history(cfg, run_id=None):
 
 
 @pytest.fixture(scope="module")
-def zero_runs(ray_cluster, tmp_path_factory):
+def zero_runs(ray_cluster, runs_root):
     from suformer.train.pretrain import run_pretraining
 
-    root = tmp_path_factory.mktemp("zero")
+    root = runs_root
     results = {}
     for stage in (0, 1, 2, 3):
         cfg = load_config(CONFIG, small(root, f"zero{stage}", zero_stage=stage, max_steps=4, checkpoint_every=2,
@@ -92,13 +99,13 @@ def _wait_for_step(cfg, step, timeout=300):
     raise TimeoutError(f"step {step} of {cfg.run.name} was never logged")
 
 
-def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, tmp_path):
+def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, runs_root, tmp_path):
     """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster. The first
     submission's driver is SIGKILLed mid-run (its Train controller and workers die with it); submitting the same
     command again resumes from the last checkpoint into the same MLflow run and finishes it."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    sets = small(tmp_path, "e2e", max_steps=30, checkpoint_every=10, log_every=5, lr=3e-3, warmup_steps=3)
+    sets = small(runs_root, "e2e", max_steps=30, checkpoint_every=10, log_every=5, lr=3e-3, warmup_steps=3)
     entry = [sys.executable.replace(" ", "\\ "), "jobs/pretrain.py", "--config", "jobs/configs/t5_pegasus_tiny_cpu.yaml"]
     for s in sets:
         entry += ["--set", s]
@@ -134,13 +141,28 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, tmp_pa
 
     client = MlflowClient(cfg.tracking_uri)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "setup", "samples.txt"} <= artifacts
+    assert {"setup", "samples.txt"} <= artifacts
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
+    (dataset,) = run.inputs.dataset_inputs  # the Dataset column: the shards, named by their fingerprint
+    shards = Path(run.data.params["data.shards"])
+    assert dataset.dataset.name == cfg.data.corpus and dataset.dataset.digest == shards.name[:36]
+    assert str(shards) in dataset.dataset.source and {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "train"
+    # The export as an MLflow 3 logged model of the run, at its last step, holding the save_pretrained files.
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert output.step == 30 and model.source_run_id == run.info.run_id and model.status == "READY"
+    import mlflow.artifacts
+
+    logged = Path(mlflow.artifacts.download_artifacts(model.artifact_location, dst_path=str(tmp_path / "logged")))
+    exported = {p.name: p.read_bytes() for p in (cfg.run_dir / "model").iterdir()}
+    assert {p.name: p.read_bytes() for p in logged.iterdir()} == exported and "config.json" in exported
     assert {"setup/deepspeed.json", "setup/vocab.txt", "setup/config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "setup")}
     metrics = client.get_run(run.info.run_id).data.metrics
     assert any(k.startswith("system/") for k in metrics)
     assert metrics["data/documents"] == 600 and metrics["data/examples"] > 0
-    assert str(tmp_path) in client.get_experiment(run.info.experiment_id).artifact_location  # not the job's temp dir
+    assert str(runs_root) in client.get_experiment(run.info.experiment_id).artifact_location  # not the job's temp dir
     model_dir = cfg.run_dir / "model"
     ours = from_pretrained(model_dir)
     from transformers import MT5ForConditionalGeneration
@@ -153,13 +175,18 @@ FAULT_RUN = dict(max_steps=12, checkpoint_every=4, warmup_steps=2, max_failures=
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_losses(ray_cluster, tmp_path_factory):
-    """Per-step losses of the fault tests' run without any fault."""
+def uninterrupted(ray_cluster, runs_root):
+    """The fault tests' run without any fault: its config, result and per-step losses."""
     from suformer.train.pretrain import run_pretraining
 
-    cfg = load_config(CONFIG, small(tmp_path_factory.mktemp("clean"), "clean", **FAULT_RUN))
-    run_pretraining(cfg)
-    return [v for _, v in loss_history(cfg)[1]]
+    cfg = load_config(CONFIG, small(runs_root, "clean", **FAULT_RUN))
+    result = run_pretraining(cfg)
+    return cfg, result, [v for _, v in loss_history(cfg)[1]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(uninterrupted):
+    return uninterrupted[2]
 
 
 def _run_with_fault(cfg, fault):
@@ -191,13 +218,13 @@ def _train_workers():
     return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
 
 
-def test_killed_worker_resumes_from_checkpoint_with_identical_losses(uninterrupted_losses, tmp_path):
+def test_killed_worker_resumes_from_checkpoint_with_identical_losses(uninterrupted_losses, runs_root):
     def kill_one_worker():
         pid = _train_workers()[-1].pid
         os.kill(pid, signal.SIGKILL)
         return pid
 
-    cfg = load_config(CONFIG, small(tmp_path, "faulty", **FAULT_RUN))
+    cfg = load_config(CONFIG, small(runs_root, "faulty", **FAULT_RUN))
     losses, _ = _run_with_fault(cfg, kill_one_worker)
     assert losses == pytest.approx(uninterrupted_losses, rel=1e-5)
 
@@ -210,7 +237,7 @@ def _worker_node_of(pid: int):
     return int(found.group(1)) if found else None
 
 
-def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, uninterrupted_losses, tmp_path):
+def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, uninterrupted_losses, runs_root):
     """A third node joins, the workers are spread over the nodes, and a node holding one of them is killed whole
     (raylet, agents, workers) mid-run: Ray marks it dead, Train restarts the group on the nodes left from the
     last checkpoint, and the losses equal the uninterrupted run's."""
@@ -228,7 +255,7 @@ def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, u
                        capture_output=True)
         return node
 
-    cfg = load_config(CONFIG, small(tmp_path, "node-lost", **FAULT_RUN, placement_strategy="SPREAD"))
+    cfg = load_config(CONFIG, small(runs_root, "node-lost", **FAULT_RUN, placement_strategy="SPREAD"))
     losses, _ = _run_with_fault(cfg, remove_a_worker_node)
     assert losses == pytest.approx(uninterrupted_losses, rel=1e-5)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the suite's cluster size again
@@ -272,31 +299,29 @@ def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
         (Path(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json").unlink()
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(ray_cluster, tmp_path):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(uninterrupted):
     """A checkpoint truncated after it was written (a lost copy, a full disk) is recognised on resume from its
-    manifest; training continues from the previous complete checkpoint and ends with the same weights as an
-    uninterrupted run. The damaged files are left where they were."""
+    manifest: resubmitting the finished uninterrupted run, whose newest checkpoint (step 12) is now damaged, trains
+    steps 9-12 again from the previous complete one (step 8) and ends with the same weights as before. The damaged
+    files are left where they were."""
     from suformer.train.pretrain import run_pretraining
 
-    common = dict(checkpoint_every=2, warmup_steps=0, max_failures=0, keep_checkpoints=5, schedule="constant")
-    cfg = load_config(CONFIG, small(tmp_path / "a", "damaged", max_steps=4, **common))
-    run_pretraining(cfg)
-    latest = Path(cfg.run.root) / "checkpoints" / "damaged" / "step-00000004"
+    cfg, first, _ = uninterrupted
+    before = from_pretrained(first["model_dir"]).state_dict()
+    latest = Path(first["checkpoint"])
+    assert latest.name == "step-00000012" and (latest.parent / "step-00000008").is_dir()
     victim = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
-    longer = load_config(CONFIG, small(tmp_path / "a", "damaged", max_steps=6, **common))
-    resumed = run_pretraining(longer)
-    straight = run_pretraining(load_config(CONFIG, small(tmp_path / "b", "straight", max_steps=6, **common)))
-    assert Path(resumed["checkpoint"]).name == "step-00000006"
-    assert victim.exists()
-    run, history = loss_history(longer)
-    assert run.data.tags["suformer.resumed_from"] == "step-00000002"
-    assert f"step-00000004 ({victim.relative_to(latest)} has" in run.data.tags["suformer.skipped_checkpoints"]
-    assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6]
-    a, b = from_pretrained(resumed["model_dir"]).state_dict(), from_pretrained(straight["model_dir"]).state_dict()
-    for key, value in a.items():
-        assert torch.allclose(value, b[key], atol=1e-5), key
+    again = run_pretraining(cfg)
+    assert Path(again["checkpoint"]).name == "step-00000012" and victim.exists()
+    run, history = loss_history(cfg)
+    assert run.data.tags["suformer.resumed_from"] == "step-00000008"
+    assert f"step-00000012 ({victim.relative_to(latest)} has" in run.data.tags["suformer.skipped_checkpoints"]
+    assert [s for s, _ in history] == list(range(1, 13))
+    after = from_pretrained(again["model_dir"]).state_dict()
+    for key, value in before.items():
+        assert torch.allclose(value, after[key], atol=1e-5), key
 
 
 def test_checkpoint_problem_names_the_damage(tmp_path):
@@ -350,12 +375,12 @@ def damaged_model(zero_runs, tmp_path_factory):
     return _model_with_a_damaged_token(zero_runs, tmp_path_factory.mktemp("damaged_model"))
 
 
-def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, tmp_path):
+def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, runs_root):
     from mlflow.tracking import MlflowClient
 
     from suformer.train.pretrain import run_pretraining
 
-    cfg = load_config(CONFIG, small(tmp_path, "skip-nan", max_steps=6, checkpoint_every=3, max_failures=0,
+    cfg = load_config(CONFIG, small(runs_root, "skip-nan", max_steps=6, checkpoint_every=3, max_failures=0,
                                     nonfinite_loss="skip", zero_stage=3) + [f"model.init_from={damaged_model}"])
     result = run_pretraining(cfg)
     run, history = loss_history(cfg)
@@ -369,10 +394,10 @@ def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, tmp_
     assert _nonfinite_entries(exported) == exported["shared.weight"].shape[1], "a skipped NaN reached the weights"
 
 
-def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damaged_model, tmp_path):
+def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damaged_model, runs_root):
     from suformer.train.pretrain import TrainingStopped, run_pretraining
 
-    cfg = load_config(CONFIG, small(tmp_path, "stop-nan", max_steps=20, checkpoint_every=1, max_failures=0,
+    cfg = load_config(CONFIG, small(runs_root, "stop-nan", max_steps=20, checkpoint_every=1, max_failures=0,
                                     nonfinite_loss="stop") + [f"model.init_from={damaged_model}"])
     with pytest.raises(TrainingStopped, match=r"non-finite loss at step (\d+)") as stop:
         run_pretraining(cfg)

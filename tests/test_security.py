@@ -118,7 +118,14 @@ def test_job_tracks_into_the_login_server_without_leaking_credentials(ray_cluste
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
-    assert {"model", "setup"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "setup" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # Through the server as through a SQLite store: the experiment opens on training runs, the run names its
+    # dataset and its logged model, whose files the server proxies.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["peoples_daily"]
+    (output,) = run.outputs.model_outputs
+    assert output.step == 4 and client.get_logged_model(output.model_id).source_run_id == run.info.run_id
+    assert {"config.json", "vocab.txt"} <= {a.path for a in client.list_logged_model_artifacts(output.model_id)}
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, no bucket creds in jobs
     recorded = list(run.data.params.values()) + list(run.data.tags.values())
     assert not any(mlflow_server.password in str(value) for value in recorded)

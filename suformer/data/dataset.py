@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from ..config import DataSection
 from ..tokenizer import Tokenizer, build_vocab, load_vocab, write_vocab
+from ..ray_connect import ray_data_console_warnings_only
 from . import corpora
 from .mlm import unilm_example, whole_word_mask
 from .pegasus import chunk_units, pseudo_summary
@@ -245,6 +246,9 @@ def prepare_shards(data: DataSection, vocab_path: Path, root: Path, min_shards: 
     docs = list(read_documents(data.corpus, data.max_documents, data.max_document_chars, counts))
     if not docs:
         raise DataError(f"data.corpus: {data.corpus!r} holds no non-empty document")
+    ray_data_console_warnings_only()
+    print(f"[suformer] data: making examples from {len(docs)} documents with Ray Data (log: the Ray session's "
+          "logs/ray-data)", flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shard files in corpus order: deterministic per-worker streams
     num_blocks = max(min_shards, -(-len(docs) // max(1, data.rows_per_shard // 2)))
@@ -253,7 +257,8 @@ def prepare_shards(data: DataSection, vocab_path: Path, root: Path, min_shards: 
     ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=num_blocks)
     ds = ds.map_batches(
         _ExampleBuilder, fn_constructor_kwargs=dict(data=data.model_dump(), vocab_path=str(vocab_path)),
-        batch_size=64, batch_format="numpy", concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        batch_size=64, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
     )
     ds.write_parquet(str(staging), min_rows_per_file=data.rows_per_shard, row_group_size=256)
     files = sorted(staging.glob("*.parquet"))

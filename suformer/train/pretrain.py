@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 
 from ..config import RESUBMIT_MUTABLE, PretrainConfig
 from ..data.dataset import READY, DataError, ensure_vocab, prepare_shards, shard_files
+from ..ray_connect import connect_or_start, ray_data_console_warnings_only
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config
 from .loop import CHECKPOINT_TAG, STOPPED_TAG, build, train_loop_per_worker
@@ -41,6 +42,7 @@ class OrderedShards(DataConfig):
         self.files, self.in_memory_bytes = files, in_memory_bytes
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        ray_data_console_warnings_only()  # this runs in the Train controller
         splits = []  # run_pretraining has checked that there are at least world_size files
         for rank in range(world_size):
             files = self.files[rank::world_size]
@@ -109,12 +111,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     root = Path(cfg.run.root).expanduser().resolve()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"])
-        else:  # a local instance: logical CPUs for the workers plus their Ray Data readers
-            needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
-            ray.init(num_cpus=int(max(os.cpu_count() or 1, needed)))
+    # A local instance gets logical CPUs for the workers plus their Ray Data readers.
+    connect_or_start(num_cpus=int(max(os.cpu_count() or 1, cfg.train.num_workers * cfg.train.cpus_per_worker + 2)))
 
     vocab = ensure_vocab(cfg.data, root, cfg.model.init_from)
     tokenizer = Tokenizer(vocab, pre_tokenize="jieba" if cfg.model.family == "t5_pegasus" else None)
@@ -138,6 +136,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
                         mutable=RESUBMIT_MUTABLE)
     # Documents, examples and what the data stage skipped or repaired (empty, over-long, NUL, invalid UTF-8).
     tracking.log_counts(uri, run_id, {k: v for k, v in stats.items() if isinstance(v, int)}, prefix="data/")
+    # The shards as the run's dataset: their folder's name is the fingerprint of what made them.
+    tracking.log_dataset(uri, run_id, name=cfg.data.corpus, source=str(shards), digest=shards.name, context="train")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "deepspeed.json").write_text(json.dumps(deepspeed_config(cfg.train), indent=2))
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
@@ -176,7 +176,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
                               "run.name resumes from it (--set train.nonfinite_loss=skip to skip the bad batches)")
     model_dir = _export(result.checkpoint, cfg, len(tokenizer), run_dir / "model")
     tokenizer.save_pretrained(model_dir)
-    tracking.log_artifacts(uri, run_id, str(model_dir), "model")
+    tracking.log_model(uri, run_id, str(model_dir), name=cfg.run.name, step=cfg.train.max_steps,
+                       model_type=cfg.model.family)
     if cfg.train.samples_to_log:
         tracking.log_text(uri, run_id, _samples(cfg, model_dir, shards, cfg.train.samples_to_log), "samples.txt")
     tracking.finish_run(uri, run_id)
