@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 RUN_NAME_TAG = "suformer.run_name"
-# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model training.
+# The experiment's kind, for MLflow clients that read it. MLflow 3.17's UI itself follows its own GenAI / Model
+# training switch instead (see browse_lines).
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 

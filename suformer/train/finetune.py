@@ -154,9 +154,10 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     dev = task.encode(splits["dev"][: cfg.data.max_eval_examples], tokenizer)
     test = task.encode(splits["test"][: cfg.data.max_eval_examples], tokenizer)
     if run_id:  # the rows each split used, identified by content: the runs table's Dataset column
+        source = task.source()
         for split, rows in (("train", train_rows), ("dev", splits["dev"][: cfg.data.max_eval_examples]),
                             ("test", splits["test"][: cfg.data.max_eval_examples])):
-            tracking.log_dataset(cfg.tracking_uri, run_id, name=cfg.data.task, source=task.source(),
+            tracking.log_dataset(cfg.tracking_uri, run_id, name=cfg.data.task, source=source,
                                  digest=hashlib.sha256(repr(rows).encode()).hexdigest(), context=split)
 
     # A GPU when the process sees one (Ray gives a trial the GPUs it reserved: sweep.gpus_per_trial).
