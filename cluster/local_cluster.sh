@@ -150,7 +150,8 @@ stop_cluster() {  # this cluster's nodes only, head last: SIGTERM, up to 10 s to
       for ((tries = 0; tries < 20; tries++)); do node_processes "$dir" > /dev/null || break; sleep 0.5; done
       if pids=$(node_processes "$dir"); then kill -KILL $pids 2>/dev/null || true; fi
     fi
-    rm -rf "$dir"
+    # The node's temp dir stays: its session logs are what a user reads after a failure (as Ray keeps /tmp/ray),
+    # and a driver still attached at stop time writes its Ray Data log there on exit.
   done
   # The head's Ray Client server names no temp dir, only the head's GCS address.
   [[ -f "$STATE_DIR/ports" ]] && pkill -f -- "ray.util.client.server --address=[^ ]*:$(head -1 "$STATE_DIR/ports") " || true

@@ -11,18 +11,25 @@ import os
 import sys
 
 from suformer.config import RESUBMIT_MUTABLE, ConfigError, job_arguments, load_config
-from suformer.data.dataset import DataError, corpus_files, vocab_for_init
+from suformer.data.corpus import DataError, preflight
+from suformer.data.dataset import check_makes_examples, check_vocab, vocab_for_init
 from suformer.tracking import browse_lines, changed_settings, recorded_params
 
 
 def main(argv=None) -> int:
     args = job_arguments(__doc__, "jobs/configs/t5_pegasus_tiny_cpu.yaml", "train.max_steps=200", argv)
+    if not os.environ.get("RAY_ADDRESS"):
+        # The local instance this starts uses token auth too; set before anything imports ray (the corpus reader
+        # does), which reads it once.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.data.corpus != "peoples_daily":
-            corpus_files(cfg.data.corpus)
         if cfg.model.init_from:
             vocab_for_init(cfg.model.init_from, cfg.data.vocab)
+        elif cfg.data.vocab:
+            check_vocab(cfg.data.vocab, cfg.data.objective)
+        corpus = preflight(cfg.data)  # every file listed and its start read: bad input is named here
+        check_makes_examples(cfg.data, corpus[2], corpus[1])
         changed = changed_settings(recorded_params(cfg.tracking_uri, cfg.run.experiment, cfg.run.name), cfg.flat(),
                                    RESUBMIT_MUTABLE)
         if changed:
@@ -32,12 +39,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # the local instance this starts uses token auth too
     from suformer.train.pretrain import TrainingStopped, run_pretraining
 
     try:
-        result = run_pretraining(cfg)
+        result = run_pretraining(cfg, corpus)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,13 +40,22 @@ class ModelSection(_Strict):
 
 
 class DataSection(_Strict):
-    corpus: str = "peoples_daily"  # "peoples_daily" (bundled) or paths/globs of .txt, .jsonl, .parquet files
-    max_documents: Optional[int] = Field(None, gt=0)
-    # Longer documents (a runaway line, a binary file read as text) are skipped and counted, not trained on.
+    # "peoples_daily" (bundled), or comma-separated files, directories and globs of .txt, .jsonl and .parquet
+    # (text files may be compressed: .txt.gz, .jsonl.zst, ...)
+    corpus: str = "peoples_daily"
+    # .txt documents: "blank_line" = one sentence per line, a blank line between documents (BERT's convention);
+    # "line" = one document per line
+    txt_documents: Literal["blank_line", "line"] = "blank_line"
+    text_key: str = "text"  # the .jsonl field / .parquet column holding the text
+    encoding: Optional[str] = None  # of .txt and .jsonl files: None = UTF-8 (a byte-order mark is accepted)
+    max_documents: Optional[int] = Field(None, gt=0)  # documents read (skipped ones included), in corpus order
+    # Longer lines (a runaway line, a binary file read as text) are skipped and counted, not trained on; longer
+    # blank-line documents are cut at a line boundary.
     max_document_chars: int = Field(1_000_000, gt=0)
     objective: Literal["pegasus", "mlm", "unilm"] = "pegasus"
     vocab: Optional[str] = None  # vocab.txt; None builds one from the corpus
     vocab_size: int = Field(50000, gt=106)
+    vocab_sample_mb: float = Field(200.0, gt=0)  # text counted for a built vocab: a seeded sample of the corpus
     # PEGASUS (T5 PEGASUS train.py defaults)
     unit_chars: int = Field(32, gt=0)
     chunk_chars: int = Field(768, gt=0)

@@ -232,22 +232,15 @@ class Tokenizer:
         return cls(path / "vocab.txt", **{**known, **overrides})
 
 
-def build_vocab(
-    texts: Iterable[str], vocab_size: int, *, words: bool = True, min_char_count: int = 1, lowercase: bool = True
-) -> list[str]:
-    """A T5-PEGASUS-style vocab: the 106 BERT specials, single characters (and `##` continuations for non-CJK
-    ones, so any Latin word can be spelled), then the most frequent multi-character words (jieba words when
-    `words`, and Latin/number words from the basic tokenizer) until `vocab_size`.
-    `words=False` gives a char-level vocab like RoFormerV2's."""
-    if vocab_size <= len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+def count_vocab_tokens(texts: Iterable[str], *, words: bool = True, lowercase: bool = True) -> tuple[Counter, Counter]:
+    """(single characters, multi-character tokens) counted over `texts`: the input of `vocab_from_counts`, so
+    that counts made on many machines can be added up before ranking."""
     chars: Counter = Counter()
     multi: Counter = Counter()
     jieba.setLogLevel(logging.WARNING)
     for text in texts:
         text = normalize(text) if lowercase else text
-        pieces = basic_split(text)
-        for piece in pieces:
+        for piece in basic_split(text):
             chars.update(piece)
             if len(piece) > 1:
                 multi[piece] += 1
@@ -255,6 +248,16 @@ def build_vocab(
             for word in jieba.cut(text, HMM=False):
                 if len(word) > 1 and all(is_cjk(ch) for ch in word):
                     multi[word] += 1
+    return chars, multi
+
+
+def vocab_from_counts(chars: dict[str, int], multi: dict[str, int], vocab_size: int,
+                      min_char_count: int = 1) -> list[str]:
+    """The 106 BERT specials, single characters (and `##` continuations for non-CJK ones, so any Latin word can
+    be spelled), then the most frequent multi-character tokens until `vocab_size`. Ties rank by the token itself,
+    so the vocab does not depend on the order the counts arrived in."""
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     vocab = list(SPECIAL_TOKENS)
     seen = set(vocab)
 
@@ -263,15 +266,27 @@ def build_vocab(
             seen.add(token)
             vocab.append(token)
 
-    ranked_chars = [ch for ch, n in chars.most_common() if n >= min_char_count]
+    def ranked(counts: dict[str, int]) -> list[str]:
+        return [token for token, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+
+    ranked_chars = [ch for ch in ranked(chars) if chars[ch] >= min_char_count]
     for ch in ranked_chars:
         add(ch)
     for ch in ranked_chars:
         if not is_cjk(ch) and not is_punctuation(ch):
             add("##" + ch)
-    for word, _ in multi.most_common():
+    for word in ranked(multi):
         add(word)
     return vocab
+
+
+def build_vocab(
+    texts: Iterable[str], vocab_size: int, *, words: bool = True, min_char_count: int = 1, lowercase: bool = True
+) -> list[str]:
+    """A T5-PEGASUS-style vocab from `texts`: characters, then jieba words (when `words`) and Latin/number words.
+    `words=False` gives a char-level vocab like RoFormerV2's."""
+    chars, multi = count_vocab_tokens(texts, words=words, lowercase=lowercase)
+    return vocab_from_counts(chars, multi, vocab_size, min_char_count)
 
 
 def write_vocab(tokens: list[str], path) -> None:

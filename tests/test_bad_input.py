@@ -1,58 +1,17 @@
-"""Bad corpus input: each kind is either an error naming the file (and line) before work starts, or skipped /
-repaired and counted; damaged prepared shards are set aside and rebuilt, never trained on."""
+"""Bad input on the cluster's side of the data stage (the corpus reader's own cases are in test_corpus): a bad line
+past the preflight's sample, damaged prepared shards (set aside and rebuilt, never trained on), vocabs that do not
+fit `model.init_from`."""
 import json
-from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from suformer.config import DataSection
-from suformer.data.dataset import DataError, _shards_problem, prepare_shards, read_documents
+from suformer.data.corpus import DataError
+from suformer.data.dataset import _shards_problem, prepare_shards
 
 from test_config import pretrain_main
-
-
-def test_text_corpus_skips_and_counts_what_it_cannot_train_on(tmp_path):
-    corpus = tmp_path / "mixed.txt"
-    corpus.write_bytes(
-        "第一篇文章。\n".encode()
-        + b"\n   \n"                                       # two empty documents
-        + "含有\x00空字符的文章\n".encode()                  # NUL removed, document kept
-        + b"\xff\xfe broken bytes \xe4\xb8\n"            # not UTF-8: replacement characters, kept
-        + ("很长" * 40 + "\n").encode()                     # over the limit below: skipped
-        + "最后一篇。".encode()                              # no trailing newline
-    )
-    counts = Counter()
-    docs = list(read_documents(str(corpus), max_chars=50, counts=counts))
-    assert docs == ["第一篇文章。", "含有空字符的文章", "\ufffd\ufffd broken bytes \ufffd", "最后一篇。"]
-    assert counts == Counter(documents=4, skipped_empty_documents=2, documents_with_nul=1, invalid_utf8_lines=1,
-                             skipped_overlong_documents=1)
-
-
-def test_jsonl_text_that_is_not_a_string_names_the_line(tmp_path):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text('{"text": "好"}\n\n{"text": 42}\n')
-    with pytest.raises(DataError, match=r"c\.jsonl:3: 'text' is int, expected a string"):
-        list(read_documents(str(corpus)))
-
-
-def test_parquet_null_texts_count_as_empty(tmp_path):
-    corpus = tmp_path / "c.parquet"
-    pq.write_table(pa.table({"text": ["甲", None, "", "乙"]}), corpus)
-    counts = Counter()
-    assert list(read_documents(str(corpus), counts=counts)) == ["甲", "乙"]
-    assert counts["skipped_empty_documents"] == 2
-
-
-def test_corrupt_parquet_corpus_exits_2_naming_the_file(tmp_path, capsys):
-    corpus = tmp_path / "broken.parquet"
-    pq.write_table(pa.table({"text": ["甲"] * 100}), corpus)
-    corpus.write_bytes(corpus.read_bytes()[:-20])  # truncated: footer gone
-    config = tmp_path / "c.yaml"
-    config.write_text(f"model: {{family: t5_pegasus}}\ndata: {{corpus: '{corpus}'}}\n")
-    assert pretrain_main()(["--config", str(config)]) == 2
-    assert f"{corpus}: not a readable Parquet file" in capsys.readouterr().err
 
 
 def _shard_dir(tmp_path, rows=(3, 2)):
@@ -127,7 +86,7 @@ def test_init_from_vocab_mismatch_exits_2_before_anything_starts(tmp_path, capsy
     assert "has 6 tokens, model.init_from" in capsys.readouterr().err
 
 
-def test_vocab_is_built_without_the_documents_training_skips(tmp_path):
+def test_vocab_is_built_without_the_documents_training_skips(ray_cluster, tmp_path):
     from suformer.data.dataset import ensure_vocab
     from suformer.tokenizer import load_vocab
 
@@ -161,3 +120,16 @@ def test_resubmitting_a_run_name_with_other_settings_exits_2_before_anything_sta
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(cfg.tracking_uri).get_run(run_id).info.status == "FINISHED"  # untouched
+
+
+@pytest.mark.slow
+def test_a_bad_line_past_the_preflight_sample_stops_the_stage_naming_it(ray_cluster, tmp_path, vocab_file, news):
+    corpus = tmp_path / "big.jsonl"
+    lines = [json.dumps({"text": news[i % len(news)]}, ensure_ascii=False) for i in range(6000)]  # > 1 MiB
+    corpus.write_text("\n".join(lines[:5000] + ['{"text": "坏"'] + lines[5000:]) + "\n")
+    assert corpus.stat().st_size > 2**20
+    data = DataSection(corpus=str(corpus), rows_per_shard=200)
+    with pytest.raises(DataError, match=r"big\.jsonl:5001: not a JSON object") as raised:
+        prepare_shards(data, vocab_file, tmp_path)
+    assert "Traceback" not in str(raised.value)
+    assert not list((tmp_path / "data").glob("*/_READY.json"))  # nothing marked ready

@@ -1,4 +1,5 @@
 """Pretraining objectives against slow references, masking statistics, the Parquet schema round trip."""
+import itertools
 import random
 from collections import Counter
 
@@ -76,7 +77,7 @@ def test_whole_word_masking_statistics(char_vocab_file, news):
     kinds = Counter()
     words_total = 0
     for doc in news[:600]:
-        ids, labels = whole_word_mask(doc, tok, rng, max_len=10_000)
+        ((ids, labels),) = whole_word_mask(doc, tok, rng, max_len=10_000)
         # Words are encoded one at a time (train_mlm.py: tokenizer.encode(w)[0][1:-1]).
         words = list(jieba.cut(normalize(doc), HMM=False))
         original = [tok.cls_id] + [i for w in words for i in tok.encode(w)[1:-1]] + [tok.sep_id]
@@ -106,6 +107,21 @@ def test_whole_word_masking_statistics(char_vocab_file, news):
     assert kinds["mask"] / selected == pytest.approx(0.8, abs=0.03)
     assert kinds["keep"] / selected == pytest.approx(0.1, abs=0.03)
     assert kinds["random"] / selected == pytest.approx(0.1, abs=0.03)
+
+
+def test_long_documents_become_several_mlm_examples_and_keep_every_token(char_vocab_file, news):
+    tok = Tokenizer(char_vocab_file, pre_tokenize=None)
+    doc = "".join(news[:40])  # thousands of characters
+    words = list(jieba.cut(normalize(doc), HMM=False))
+    original = [i for w in words for i in tok.encode(w)[1:-1]]
+    # Mask rate ~0: inputs are the plain tokens, so the pieces must concatenate to the whole document.
+    pieces = whole_word_mask(doc, tok, random.Random(0), max_len=64, mask_rate=1e-9)
+    assert len(pieces) >= len(original) // 62
+    assert all(len(ids) <= 64 and ids[0] == tok.cls_id and ids[-1] == tok.sep_id for ids, _ in pieces)
+    assert [i for ids, _ in pieces for i in ids[1:-1]] == original
+    # Cuts fall between words: each piece's tokens are a whole run of words.
+    boundaries = set(itertools.accumulate(len(tok.encode(w)) - 2 for w in words))
+    assert all(end in boundaries for end in itertools.accumulate(len(ids) - 2 for ids, _ in pieces))
 
 
 def test_unilm_labels_predict_the_next_target_token():

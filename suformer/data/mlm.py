@@ -17,14 +17,26 @@ IGNORE = -100
 
 
 def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len: int = 512,
-                    mask_rate: float = 0.15) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one text: `[CLS] tokens [SEP]`, labels -100 where nothing is predicted."""
+                    mask_rate: float = 0.15) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) examples `[CLS] tokens [SEP]` covering the whole text: a text longer than `max_len`
+    tokens is cut between words into as many examples as it needs (a single word longer than a whole example is
+    cut). Labels are -100 where nothing is predicted."""
     jieba.setLogLevel(logging.WARNING)
-    input_ids, labels = [tokenizer.cls_id], [IGNORE]
+    room = max_len - 2
+    examples, input_ids, labels = [], [], []
+
+    def flush():
+        if input_ids:
+            examples.append(([tokenizer.cls_id] + input_ids + [tokenizer.sep_id], [IGNORE] + labels + [IGNORE]))
+        input_ids.clear()
+        labels.clear()
+
     for word in jieba.cut(normalize(text) if tokenizer.lowercase else text, HMM=False):
-        ids = tokenizer.encode(word)[1:-1]
+        ids = tokenizer.encode(word)[1:-1][:room]
         if not ids:
             continue
+        if len(input_ids) + len(ids) > room:
+            flush()
         r = rng.random()
         if r < mask_rate * 0.8:
             input_ids += [tokenizer.mask_id] * len(ids)
@@ -37,8 +49,8 @@ def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len
             labels += [IGNORE] * len(ids)
             continue
         labels += ids
-    input_ids, labels = input_ids[: max_len - 1], labels[: max_len - 1]
-    return input_ids + [tokenizer.sep_id], labels + [IGNORE]
+    flush()
+    return examples
 
 
 def unilm_example(source: str, target: str, tokenizer: Tokenizer, max_len: int = 512) -> tuple[list[int], list[int]]:

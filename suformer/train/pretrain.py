@@ -17,7 +17,8 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ..config import RESUBMIT_MUTABLE, PretrainConfig
-from ..data.dataset import READY, DataError, ensure_vocab, prepare_shards, shard_files
+from ..data.corpus import DataError, preflight
+from ..data.dataset import READY, ensure_vocab, prepare_shards, shard_files
 from ..ray_connect import connect_or_start, ray_data_console_warnings_only
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config
@@ -104,8 +105,9 @@ def _samples(cfg: PretrainConfig, model_dir: Path, shards: Path, count: int) -> 
     return "\n".join(lines)
 
 
-def run_pretraining(cfg: PretrainConfig) -> dict:
-    """Run (or resume) the configured pretraining; returns where the results are."""
+def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
+    """Run (or resume) the configured pretraining; returns where the results are. `corpus` is the job's
+    `corpus.preflight(cfg.data)`, made before anything started (made here when not given)."""
     from .. import tracking
 
     root = Path(cfg.run.root).expanduser().resolve()
@@ -114,9 +116,10 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     # A local instance gets logical CPUs for the workers plus their Ray Data readers.
     connect_or_start(num_cpus=int(max(os.cpu_count() or 1, cfg.train.num_workers * cfg.train.cpus_per_worker + 2)))
 
-    vocab = ensure_vocab(cfg.data, root, cfg.model.init_from)
+    corpus = corpus or preflight(cfg.data)
+    vocab = ensure_vocab(cfg.data, root, cfg.model.init_from, corpus)
     tokenizer = Tokenizer(vocab, pre_tokenize="jieba" if cfg.model.family == "t5_pegasus" else None)
-    shards = prepare_shards(cfg.data, vocab, root, min_shards=cfg.train.num_workers)
+    shards = prepare_shards(cfg.data, vocab, root, corpus)
     files = shard_files(shards)
     stats = json.loads((shards / READY).read_text())
     if len(files) < cfg.train.num_workers:
@@ -124,7 +127,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
                         "lower data.rows_per_shard or train.num_workers")
     print(f"[suformer] data: {stats['documents']} documents -> {stats['examples']} examples in "
           f"{stats['shards']} shards at {shards}", flush=True)
-    repaired = {k: v for k, v in stats.items() if k.startswith(("skipped", "invalid", "documents_with")) and v}
+    repaired = {k: v for k, v in stats.items() if k.startswith(("skipped", "undecodable", "documents_with")) and v}
     if repaired:
         print(f"[suformer] data: skipped or repaired (also in MLflow as data/*): {repaired}", flush=True)
 
