@@ -17,7 +17,7 @@ import time
 from suformer.config import DataSection
 from suformer.data.corpora import peoples_daily
 from suformer.data.dataset import examples_from_documents
-from suformer.data.pegasus import chunk_units, pseudo_summary
+from suformer.data.objectives.pegasus import chunk_units, pseudo_summary
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
 
 

@@ -29,6 +29,10 @@ ensure_token() {
   fi
 }
 
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 auth_env() {
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
   unset RAY_AUTH_TOKEN  # the file is the single source of the token
@@ -54,11 +58,10 @@ start() {
   # a test run's) then never share session files, and `stop` finds exactly this cluster's processes.
   local head_tmp="${TMPDIR:-/tmp}/suformer-ray-$port-head"
   echo "$head_tmp" > "$STATE_DIR/head_dir"
-  # Ray Client's server on a free port, not the fixed 10001 a second cluster on the machine would also want.
-  local client_port
-  client_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # Ray Client's server and the node's dashboard agent on free ports, not the fixed 10001 and 52365 a second
+  # cluster on the machine would also want (a head whose agent cannot bind never accepts a job).
   "$RAY" start --head --node-ip-address=127.0.0.1 --port="$port" --num-cpus="$cpus" --temp-dir="$head_tmp" \
-    --ray-client-server-port="$client_port" --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --include-dashboard=true \
+    --ray-client-server-port="$(free_port)" --dashboard-agent-listen-port="$(free_port)" --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --include-dashboard=true \
     --disable-usage-stats > "$STATE_DIR/head.log" 2>&1 || { cat "$STATE_DIR/head.log" >&2; exit 1; }
   printf '%s\n' "$port" "$dashboard_port" > "$STATE_DIR/ports"
   rm -f "$STATE_DIR/node_dirs"
@@ -111,7 +114,7 @@ start_worker_node() {  # port, cpus
   echo "$node_tmp" >> "$STATE_DIR/node_dirs"
   echo "starting worker node $i ($2 CPUs)"
   "$RAY" start --address="127.0.0.1:$1" --node-ip-address=127.0.0.1 --num-cpus="$2" \
-    --temp-dir="$node_tmp" --disable-usage-stats > "$STATE_DIR/worker_$i.log" 2>&1 \
+    --temp-dir="$node_tmp" --dashboard-agent-listen-port="$(free_port)" --disable-usage-stats > "$STATE_DIR/worker_$i.log" 2>&1 \
     || { cat "$STATE_DIR/worker_$i.log" >&2; exit 1; }
 }
 

@@ -52,7 +52,7 @@ class DataSection(_Strict):
     # Longer lines (a runaway line, a binary file read as text) are skipped and counted, not trained on; longer
     # blank-line documents are cut at a line boundary.
     max_document_chars: int = Field(1_000_000, gt=0)
-    objective: Literal["pegasus", "mlm", "unilm"] = "pegasus"
+    objective: str = "pegasus"  # a pretraining objective of suformer.data.objectives: pegasus, mlm, unilm
     vocab: Optional[str] = None  # vocab.txt; None builds one from the corpus
     vocab_size: int = Field(50000, gt=106)
     vocab_sample_mb: float = Field(200.0, gt=0)  # text counted for a built vocab: a seeded sample of the corpus
@@ -162,12 +162,15 @@ class PretrainConfig(_Job):
 
     @model_validator(mode="after")
     def _objective_fits_family(self):
-        wanted = {"t5_pegasus": ("pegasus",), "roformer_v2": ("mlm", "unilm")}[self.model.family]
+        from .data.objectives import OBJECTIVES
+
+        wanted = [name for name, objective in OBJECTIVES.items() if objective.family == self.model.family]
         if self.data.objective not in wanted:
-            raise ValueError(f"data.objective {self.data.objective!r} does not train {self.model.family} "
-                             f"(use one of {list(wanted)})")
+            known = "does not train" if self.data.objective in OBJECTIVES else "is not an objective; it must train"
+            raise ValueError(f"data.objective {self.data.objective!r} {known} {self.model.family} "
+                             f"(use one of {wanted})")
         if self.train.max_tokens_per_batch is not None:
-            longest = self.data.max_source_len if self.data.objective == "pegasus" else self.data.max_len
+            longest = OBJECTIVES[self.data.objective].longest(self.data)
             if self.train.max_tokens_per_batch < longest:
                 raise ValueError(f"train.max_tokens_per_batch {self.train.max_tokens_per_batch} cannot hold one "
                                  f"example of the maximum length {longest}")

@@ -115,7 +115,39 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(mlflow_server):
+def s3_server():
+    """A real S3 API on loopback (moto's server mode) with a bucket `suformer`. Like a real cluster's nodes, this
+    process and the Ray nodes find it and its credentials in the standard AWS_* environment variables, which
+    pyarrow's S3 filesystem reads."""
+    import logging
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "suformer-test", "AWS_SECRET_ACCESS_KEY": "suformer-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                      allow_bucket_creation=True).create_dir("suformer")
+    try:
+        yield SimpleNamespace(env=env, bucket="suformer", fs=pafs.FileSystem.from_uri("s3://suformer")[0])
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(mlflow_server, s3_server):
     """A real local two-node Ray cluster for the whole session, started by cluster/local_cluster.sh (the script
     the README uses): token auth on, dashboard and job API on 127.0.0.1 only. As on a real cluster, the nodes get
     the tracking server's credentials from their environment at start, never from job submissions."""
@@ -130,7 +162,8 @@ def ray_cluster(mlflow_server):
     state = CLUSTER_STATE
     port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "SUFORMER_CLUSTER_DIR": str(state), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_USERNAME": mlflow_server.username, "MLFLOW_TRACKING_PASSWORD": mlflow_server.password}
+           "MLFLOW_TRACKING_USERNAME": mlflow_server.username, "MLFLOW_TRACKING_PASSWORD": mlflow_server.password,
+           **s3_server.env}
     subprocess.run([str(script), "start", "--workers", "1", "--cpus-per-node", "3", "--port", str(port),
                     "--dashboard-port", str(dashboard_port)], env=env, check=True, capture_output=True)
     token_file = state / "auth_token"

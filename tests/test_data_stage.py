@@ -76,3 +76,26 @@ def test_counts_add_up_across_formats(ray_cluster, tmp_path, char_vocab_file, ne
         "documents": 61, "skipped_empty_documents": 2 + 1 + 1, "skipped_overlong_documents": 1,
         "documents_with_nul": 1, "undecodable_lines": 1}
     assert ready["examples"] >= 61  # long documents make several MLM examples, none is lost
+
+
+def test_a_corpus_on_object_storage_makes_the_same_examples_as_on_disk(ray_cluster, s3_server, tmp_path,
+                                                                        char_vocab_file, news):
+    # A real S3 API (moto's server): the driver lists and samples the objects, the cluster's tasks read them.
+    files = {"part-0.txt": "\n\n".join(news[:150]) + "\n",
+             "part-1.jsonl": "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in news[150:300])}
+    (tmp_path / "local").mkdir()
+    for name, text in files.items():
+        (tmp_path / "local" / name).write_text(text)
+        with s3_server.fs.open_output_stream(f"{s3_server.bucket}/corpus/{name}") as f:
+            f.write(text.encode())
+    settings = dict(objective="mlm", max_len=64, rows_per_shard=100)
+
+    def examples(corpus, root):
+        shards = prepare_shards(DataSection(corpus=corpus, **settings), char_vocab_file, root)
+        rows = [r for p in sorted(shards.glob("shard-*.parquet")) for r in pq.read_table(p).to_pylist()]
+        ready = json.loads((shards / "_READY.json").read_text())
+        return sorted(rows, key=lambda r: r["input_ids"]), {k: v for k, v in ready.items() if k != "shard_rows"}
+
+    on_s3 = examples(f"s3://{s3_server.bucket}/corpus", tmp_path / "a")
+    on_disk = examples(str(tmp_path / "local"), tmp_path / "b")
+    assert on_s3 == on_disk and on_s3[1]["documents"] == 300

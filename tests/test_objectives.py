@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from suformer.config import DataSection
-from suformer.data.dataset import SCHEMAS, examples_from_documents
-from suformer.data.mlm import unilm_labels, whole_word_mask
-from suformer.data.pegasus import chunk_units, pseudo_summary, text_segmentate
+from suformer.data.dataset import examples_from_documents
+from suformer.data.objectives import OBJECTIVES
+from suformer.data.objectives.mlm import whole_word_mask
+from suformer.data.objectives.unilm import unilm_labels
+from suformer.data.objectives.pegasus import chunk_units, pseudo_summary, text_segmentate
 from suformer.tokenizer import Tokenizer, normalize
 
 
@@ -135,10 +137,10 @@ def test_examples_round_trip_through_parquet(objective, tmp_path, news, vocab_fi
     tok = Tokenizer(vocab_file if objective == "pegasus" else char_vocab_file,
                     pre_tokenize="jieba" if objective == "pegasus" else None)
     columns = examples_from_documents(news[:150], data, tok)
-    table = pa.Table.from_pydict(columns, schema=SCHEMAS[objective])
+    table = pa.Table.from_pydict(columns, schema=OBJECTIVES[objective].schema)
     pq.write_table(table, tmp_path / "shard.parquet", row_group_size=16)
     back = pq.read_table(tmp_path / "shard.parquet")
-    assert back.schema == SCHEMAS[objective] and back.to_pydict() == columns and back.num_rows > 10
+    assert back.schema == OBJECTIVES[objective].schema and back.to_pydict() == columns and back.num_rows > 10
     assert all(n == len(ids) <= 64 for n, ids in zip(columns["num_tokens"], columns["input_ids"]))
     assert all(ids[0] == tok.cls_id and ids[-1] == tok.sep_id for ids in columns["input_ids"])
     # Pure function of the documents: a second pass, in another batch split, gives the same rows.

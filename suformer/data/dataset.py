@@ -4,15 +4,7 @@ The driver lists the corpus and checks a sample of every file (`corpus.preflight
 (`reader.read_corpus`), actors clean, count and build examples, a seeded global shuffle mixes them, and tasks write
 `shard-NNNNN.parquet` files under one directory, with a `_READY.json` marker written last (a directory without
 it is never used). The driver never holds documents: what it receives are counts, from a small counting actor.
-Schema, one row per example:
-
-  pegasus  input_ids list<int32>  [CLS] source [SEP];   target_ids list<int32>  [CLS] summary [SEP]
-  mlm      input_ids list<int32>  masked [CLS] text [SEP];   labels list<int32>  -100 where not predicted
-  unilm    input_ids list<int32>  [CLS] source [SEP] target [SEP];   token_type_ids list<int8>  0 source, 1 target
-  all      num_tokens int32  (length of input_ids, for token-budget batching)
-
-Examples are pure functions of (document, config, vocab), MLM's randomness seeded from the document's own hash, so
-the examples do not depend on how Ray splits the work.
+The rows are the objective's (`objectives/`), one per example.
 """
 from __future__ import annotations
 
@@ -34,53 +26,24 @@ from ..config import DataSection
 from ..ray_connect import ray_data_console_warnings_only
 from ..tokenizer import Tokenizer, count_vocab_tokens, load_vocab, vocab_from_counts, write_vocab
 from .corpus import CorpusFile, DataError, preflight
-from .mlm import unilm_example, whole_word_mask
-from .pegasus import chunk_units, pseudo_summary
+from .objectives import OBJECTIVES
 
 READY = "_READY.json"
-SCHEMAS = {
-    "pegasus": pa.schema([("input_ids", pa.list_(pa.int32())), ("target_ids", pa.list_(pa.int32())),
-                          ("num_tokens", pa.int32())]),
-    "mlm": pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                      ("num_tokens", pa.int32())]),
-    "unilm": pa.schema([("input_ids", pa.list_(pa.int32())), ("token_type_ids", pa.list_(pa.int8())),
-                        ("num_tokens", pa.int32())]),
-}
-
-
-def _unilm_chunk_chars(data: DataSection) -> int:
-    """UniLM chunks fit max_len (char tokens: about one per character), so no text is cut off the example."""
-    return max(data.unit_chars * data.min_units, min(data.chunk_chars, data.max_len - 3))
 
 
 def examples_from_documents(docs: Iterable[str], data: DataSection, tokenizer: Tokenizer,
                             counts: Optional[Counter] = None) -> dict[str, list]:
-    """Column lists of the examples made from `docs` (see the module docstring for the schema); documents that
-    make none are counted in `counts["documents_without_examples"]`."""
-    columns: dict[str, list] = {name: [] for name in SCHEMAS[data.objective].names}
+    """Column lists of the objective's examples made from `docs`; documents that make none are counted in
+    `counts["documents_without_examples"]`."""
+    objective = OBJECTIVES[data.objective]
+    columns: dict[str, list] = {name: [] for name in objective.schema.names}
     counts = Counter() if counts is None else counts
     for doc in docs:
-        before = len(columns["num_tokens"])
-        if data.objective == "mlm":
-            seed = int.from_bytes(hashlib.sha256(f"{data.seed}:{doc}".encode()).digest()[:8], "little")
-            for ids, labels in whole_word_mask(doc, tokenizer, random.Random(seed), data.max_len, data.mask_rate):
-                columns["input_ids"].append(ids)
-                columns["labels"].append(labels)
-                columns["num_tokens"].append(len(ids))
-        else:
-            chunk_chars = data.chunk_chars if data.objective == "pegasus" else _unilm_chunk_chars(data)
-            for units in chunk_units(doc, data.unit_chars, chunk_chars, data.min_units):
-                source, target = pseudo_summary(units, data.summary_rate)
-                if data.objective == "pegasus":
-                    ids = tokenizer.encode(source, maxlen=data.max_source_len)
-                    columns["input_ids"].append(ids)
-                    columns["target_ids"].append(tokenizer.encode(target, maxlen=data.max_target_len))
-                else:
-                    ids, segments = unilm_example(source, target, tokenizer, data.max_len)
-                    columns["input_ids"].append(ids)
-                    columns["token_type_ids"].append(segments)
-                columns["num_tokens"].append(len(ids))
-        counts["documents_without_examples"] += len(columns["num_tokens"]) == before
+        rows = objective.examples(doc, data, tokenizer)
+        counts["documents_without_examples"] += not rows
+        for row in rows:
+            for name, column in columns.items():
+                column.append(row[name])
     return columns
 
 
@@ -102,7 +65,7 @@ class _ExampleBuilder:
 
     def __init__(self, data: dict, vocab_path: str, counter):
         self.data = DataSection.model_validate(data)
-        self.tokenizer = Tokenizer(vocab_path, pre_tokenize="jieba" if self.data.objective == "pegasus" else None)
+        self.tokenizer = Tokenizer(vocab_path, pre_tokenize=OBJECTIVES[self.data.objective].pre_tokenize)
         self.counter = counter
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -112,7 +75,7 @@ class _ExampleBuilder:
         import ray
 
         ray.get(self.counter.add.remote(dict(counts)))  # waited for: the totals are read once the stage ends
-        return pa.Table.from_pydict(columns, schema=SCHEMAS[self.data.objective])
+        return pa.Table.from_pydict(columns, schema=OBJECTIVES[self.data.objective].schema)
 
 
 class _Counts:
@@ -197,13 +160,14 @@ def ensure_vocab(data: DataSection, root: Path, init_from: Optional[str] = None,
         return check_vocab(data.vocab, data.objective)
     fs, files, _ = corpus or preflight(data)
     chosen, keep_rate = _vocab_sample(data, files)
-    key = hashlib.sha256(json.dumps([data.vocab_size, data.objective == "pegasus", data.vocab_sample_mb, data.seed,
+    words = OBJECTIVES[data.objective].vocab_words
+    key = hashlib.sha256(json.dumps([data.vocab_size, words, data.vocab_sample_mb, data.seed,
                                      data.max_documents, data.txt_documents, data.text_key, data.encoding,
                                      data.max_document_chars] + [f.identity for f in chosen]).encode())
     path = root / "vocab" / key.hexdigest()[:16] / "vocab.txt"
     if path.exists():
         return path
-    chars, multi = _count_tokens(data, fs, chosen, keep_rate)
+    chars, multi = _count_tokens(data, fs, chosen, keep_rate, words)
     if not chars:
         raise DataError(f"data.corpus: {data.corpus!r} holds no non-empty document")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,8 +210,8 @@ class _TokenCounter:
         return {"token": list(counts), "count": list(counts.values())}
 
 
-def _count_tokens(data: DataSection, fs: pafs.FileSystem, files: list[CorpusFile],
-                  keep_rate: float) -> tuple[dict, dict]:
+def _count_tokens(data: DataSection, fs: pafs.FileSystem, files: list[CorpusFile], keep_rate: float,
+                  words: bool) -> tuple[dict, dict]:
     """Distributed counting: batches counted by Ray Data actors, summed by a groupby on the cluster; the driver
     receives every distinct character and the top multi-character tokens, never the text."""
     import ray
@@ -262,8 +226,7 @@ def _count_tokens(data: DataSection, fs: pafs.FileSystem, files: list[CorpusFile
         documents = documents.limit(data.max_documents)
     try:
         counts = documents.map_batches(
-            _TokenCounter, fn_constructor_kwargs=dict(words=data.objective == "pegasus", keep_rate=keep_rate,
-                                                      seed=data.seed),
+            _TokenCounter, fn_constructor_kwargs=dict(words=words, keep_rate=keep_rate, seed=data.seed),
             batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpus()),
         ).groupby("token").sum("count")
         # Streamed to the driver, which keeps every character (a few thousand) and a bounded heap of the
@@ -306,24 +269,19 @@ def _cpus() -> int:
 def check_makes_examples(data: DataSection, sample: list[dict], files: list[CorpusFile]) -> None:
     """Exit-2 check before anything starts: the start of the corpus makes examples for the objective. (The
     commonest failure: a .txt with one sentence per line read as one document per line, too short for PEGASUS.)"""
-    if data.objective == "mlm":
-        return
     texts = [row["text"] for row in sample if not row["skipped"]]
-    chunk_chars = data.chunk_chars if data.objective == "pegasus" else _unilm_chunk_chars(data)
-    if not texts or any(next(chunk_units(t, data.unit_chars, chunk_chars, data.min_units), None) for t in texts):
+    if not texts or any(OBJECTIVES[data.objective].makes_examples(t, data) for t in texts):
         return
     raise DataError(_no_examples_message(data, len(texts), files, "in the first megabyte of the corpus"))
 
 
 def _no_examples_message(data: DataSection, documents: int, files: list[CorpusFile], where: str) -> str:
-    reason = ("a pseudo-summary needs at least data.min_units={} units (text cut at newlines and 。 into pieces of "
-              "up to data.unit_chars={} characters)").format(data.min_units, data.unit_chars)
     hint = ""
     if data.txt_documents == "line" and any(f.kind == "txt" for f in files):
         hint = (" The .txt files are read with one document per line (data.txt_documents=line): if they hold one "
                 "sentence per line with blank lines between documents, set data.txt_documents=blank_line.")
-    return (f"data.corpus: none of the {documents} documents {where} makes a {data.objective} example: {reason}."
-            f"{hint} Or lower data.min_units.")
+    return (f"data.corpus: none of the {documents} documents {where} makes a {data.objective} example: "
+            f"{OBJECTIVES[data.objective].no_example_reason(data)}.{hint}")
 
 
 def prepare_shards(data: DataSection, vocab_path: Path, root: Path, corpus=None) -> Path:

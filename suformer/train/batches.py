@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import torch
-
-IGNORE = -100
+from ..data.objectives import OBJECTIVES
 
 
 @dataclass
@@ -20,28 +18,9 @@ class StreamPosition:
     rows: int = 0
 
 
-def _pad(rows: list, value: int, dtype=torch.long) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
-    return out
-
-
-def collate(objective: str, rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Dynamic padding to the longest row; labels -100 on padding and wherever nothing is predicted."""
-    ids = _pad([r["input_ids"] for r in rows], 0)
-    if objective == "pegasus":
-        target = _pad([r["target_ids"] for r in rows], 0)
-        labels = target[:, 1:].masked_fill(target[:, 1:] == 0, IGNORE)  # predict y[1:] from y[:-1]
-        return {"input_ids": ids, "decoder_input_ids": target[:, :-1], "labels": labels}
-    if objective == "mlm":
-        return {"input_ids": ids, "labels": _pad([r["labels"] for r in rows], IGNORE)}
-    segments = _pad([r["token_type_ids"] for r in rows], 0)
-    from ..data.mlm import unilm_labels
-
-    labels = _pad([unilm_labels(list(r["input_ids"]), list(r["token_type_ids"])) for r in rows], IGNORE)
-    return {"input_ids": ids, "token_type_ids": segments, "labels": labels, "unilm": True}
+def collate(objective: str, rows: list[dict]) -> dict:
+    """Dynamic padding to the longest row, as the objective lays out its inputs and labels."""
+    return OBJECTIVES[objective].collate(rows)
 
 
 def _rows(shard, block_rows: int = 256):

@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 from ..config import RESUBMIT_MUTABLE, PretrainConfig
 from ..data.corpus import DataError, preflight
 from ..data.dataset import READY, ensure_vocab, prepare_shards, shard_files
+from ..data.objectives import OBJECTIVES
 from ..ray_connect import connect_or_start, ray_data_console_warnings_only
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config
@@ -118,7 +119,7 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
 
     corpus = corpus or preflight(cfg.data)
     vocab = ensure_vocab(cfg.data, root, cfg.model.init_from, corpus)
-    tokenizer = Tokenizer(vocab, pre_tokenize="jieba" if cfg.model.family == "t5_pegasus" else None)
+    tokenizer = Tokenizer(vocab, pre_tokenize=OBJECTIVES[cfg.data.objective].pre_tokenize)
     shards = prepare_shards(cfg.data, vocab, root, corpus)
     files = shard_files(shards)
     stats = json.loads((shards / READY).read_text())

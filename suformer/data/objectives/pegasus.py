@@ -1,5 +1,8 @@
 """T5 PEGASUS' pretraining objective (ZhuiyiTechnology/t5-pegasus train.py): pseudo-summaries by greedy LCS.
 
+Examples: input_ids `[CLS] source [SEP]` (<= max_source_len), target_ids `[CLS] summary [SEP]` (<= max_target_len);
+the decoder reads target[:-1] and predicts target[1:].
+
 A document is cut into units of about 32 characters (on newlines, then on 。), units are grouped into chunks of
 about 768 characters with at least 3 units, and from each chunk the units whose removal keeps the remaining text and
 the picked text most alike (character-level longest common subsequence) are moved, one by one, into the summary
@@ -15,7 +18,10 @@ from __future__ import annotations
 import bisect
 from typing import Iterator
 
+import pyarrow as pa
 from rapidfuzz.distance import LCSseq
+
+from .base import IGNORE, Objective, pad
 
 
 def text_segmentate(text: str, maxlen: int, seps: str = "\n") -> list[str]:
@@ -87,3 +93,40 @@ def pseudo_summary(units: list[str], summary_rate: float = 0.25) -> tuple[str, s
     if len(source) < len(target):
         source, target = target, source
     return source, target
+
+
+def _examples(document: str, data, tokenizer) -> list[dict]:
+    rows = []
+    for units in chunk_units(document, data.unit_chars, data.chunk_chars, data.min_units):
+        source, target = pseudo_summary(units, data.summary_rate)
+        ids = tokenizer.encode(source, maxlen=data.max_source_len)
+        rows.append({"input_ids": ids, "target_ids": tokenizer.encode(target, maxlen=data.max_target_len),
+                     "num_tokens": len(ids)})
+    return rows
+
+
+def _collate(rows: list[dict]) -> dict:
+    target = pad([r["target_ids"] for r in rows], 0)
+    labels = target[:, 1:].masked_fill(target[:, 1:] == 0, IGNORE)  # predict y[1:] from y[:-1]
+    return {"input_ids": pad([r["input_ids"] for r in rows], 0), "decoder_input_ids": target[:, :-1],
+            "labels": labels}
+
+
+def makes_pseudo_summaries(chunk_chars):
+    """A document makes an example when it holds one chunk of at least data.min_units units."""
+    return lambda document, data: next(
+        chunk_units(document, data.unit_chars, chunk_chars(data), data.min_units), None) is not None
+
+
+def no_pseudo_summary(data) -> str:
+    return (f"a pseudo-summary needs at least data.min_units={data.min_units} units (text cut at newlines and 。 "
+            f"into pieces of up to data.unit_chars={data.unit_chars} characters)")
+
+
+OBJECTIVE = Objective(
+    name="pegasus", family="t5_pegasus", pre_tokenize="jieba",
+    schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("target_ids", pa.list_(pa.int32())),
+                      ("num_tokens", pa.int32())]),
+    examples=_examples, makes_examples=makes_pseudo_summaries(lambda data: data.chunk_chars),
+    no_example_reason=no_pseudo_summary, collate=_collate, longest=lambda data: data.max_source_len,
+)

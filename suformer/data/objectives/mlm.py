@@ -1,4 +1,7 @@
-"""RoFormerV2 pretraining examples: whole-word masked LM and UniLM seq2seq (roformer-v2 train_mlm.py, bert4keras).
+"""RoFormerV2's masked language model (roformer-v2 train_mlm.py, bert4keras).
+
+Examples: input_ids masked `[CLS] text [SEP]`, labels the original ids where predicted, -100 elsewhere; a document
+longer than max_len becomes several examples, cut between words.
 
 Whole-word masking: the text is cut into words (jieba, where the original used Baidu LAC), each word is encoded on
 its own with the char tokenizer, and per word r ~ U(0, 1) decides: r < 0.8p every token -> [MASK];
@@ -6,14 +9,16 @@ its own with the char tokenizer, and per word r ~ U(0, 1) decides: r < 0.8p ever
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 
+
 import jieba
+import pyarrow as pa
 
-from ..tokenizer import Tokenizer, normalize
-
-IGNORE = -100
+from ...tokenizer import Tokenizer, normalize
+from .base import IGNORE, Objective, pad
 
 
 def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len: int = 512,
@@ -53,14 +58,20 @@ def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len
     return examples
 
 
-def unilm_example(source: str, target: str, tokenizer: Tokenizer, max_len: int = 512) -> tuple[list[int], list[int]]:
-    """(input_ids, token_type_ids) of `[CLS] source [SEP] target [SEP]`; the loss reads target positions."""
-    return tokenizer.encode_pair(source, target, maxlen=max_len)
+def _examples(document: str, data, tokenizer) -> list[dict]:
+    # Masking randomness seeded from the document itself: the same examples however Ray splits the corpus.
+    seed = int.from_bytes(hashlib.sha256(f"{data.seed}:{document}".encode()).digest()[:8], "little")
+    return [{"input_ids": ids, "labels": labels, "num_tokens": len(ids)}
+            for ids, labels in whole_word_mask(document, tokenizer, random.Random(seed), data.max_len, data.mask_rate)]
 
 
-def unilm_labels(input_ids: list[int], token_type_ids: list[int]) -> list[int]:
-    """labels[t] = input_ids[t + 1] where position t + 1 is target (segment 1), else -100: logits at t predict
-    the next target token, starting from the source's [SEP] (bert4keras CrossEntropy(2))."""
-    nxt = input_ids[1:] + [IGNORE]
-    seg = token_type_ids[1:] + [0]
-    return [tok if s == 1 else IGNORE for tok, s in zip(nxt, seg)]
+OBJECTIVE = Objective(
+    name="mlm", family="roformer_v2", pre_tokenize=None,
+    schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                      ("num_tokens", pa.int32())]),
+    examples=_examples, makes_examples=lambda document, data: True,
+    no_example_reason=lambda data: "every non-empty document makes at least one example",
+    collate=lambda rows: {"input_ids": pad([r["input_ids"] for r in rows], 0),
+                          "labels": pad([r["labels"] for r in rows], IGNORE)},
+    longest=lambda data: data.max_len,
+)

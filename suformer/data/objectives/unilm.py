@@ -1,0 +1,53 @@
+"""RoFormerV2's UniLM seq2seq objective (bert4keras): the pseudo-summaries of T5 PEGASUS, as one sequence.
+
+Examples: input_ids `[CLS] source [SEP] summary [SEP]` (<= max_len), token_type_ids 0 on the source, 1 on the
+summary; the loss predicts each summary token from the ones before it (a UniLM attention mask). Chunks are sized
+to fit max_len (char tokens: about one per character), so no text is cut off the example.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ...tokenizer import Tokenizer
+from .base import IGNORE, Objective, pad
+from .pegasus import chunk_units, makes_pseudo_summaries, no_pseudo_summary, pseudo_summary
+
+
+def unilm_example(source: str, target: str, tokenizer: Tokenizer, max_len: int = 512) -> tuple[list[int], list[int]]:
+    """(input_ids, token_type_ids) of `[CLS] source [SEP] target [SEP]`; the loss reads target positions."""
+    return tokenizer.encode_pair(source, target, maxlen=max_len)
+
+
+def unilm_labels(input_ids: list[int], token_type_ids: list[int]) -> list[int]:
+    """labels[t] = input_ids[t + 1] where position t + 1 is target (segment 1), else -100: logits at t predict
+    the next target token, starting from the source's [SEP] (bert4keras CrossEntropy(2))."""
+    nxt = input_ids[1:] + [IGNORE]
+    seg = token_type_ids[1:] + [0]
+    return [tok if s == 1 else IGNORE for tok, s in zip(nxt, seg)]
+
+
+def _chunk_chars(data) -> int:
+    return max(data.unit_chars * data.min_units, min(data.chunk_chars, data.max_len - 3))
+
+
+def _examples(document: str, data, tokenizer) -> list[dict]:
+    rows = []
+    for units in chunk_units(document, data.unit_chars, _chunk_chars(data), data.min_units):
+        ids, segments = unilm_example(*pseudo_summary(units, data.summary_rate), tokenizer, data.max_len)
+        rows.append({"input_ids": ids, "token_type_ids": segments, "num_tokens": len(ids)})
+    return rows
+
+
+def _collate(rows: list[dict]) -> dict:
+    labels = pad([unilm_labels(list(r["input_ids"]), list(r["token_type_ids"])) for r in rows], IGNORE)
+    return {"input_ids": pad([r["input_ids"] for r in rows], 0),
+            "token_type_ids": pad([r["token_type_ids"] for r in rows], 0), "labels": labels, "unilm": True}
+
+
+OBJECTIVE = Objective(
+    name="unilm", family="roformer_v2", pre_tokenize=None,
+    schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("token_type_ids", pa.list_(pa.int8())),
+                      ("num_tokens", pa.int32())]),
+    examples=_examples, makes_examples=makes_pseudo_summaries(_chunk_chars), no_example_reason=no_pseudo_summary,
+    collate=_collate, longest=lambda data: data.max_len,
+)
