@@ -83,9 +83,6 @@ class TrainSection(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     micro_batch_size: int = Field(8, ge=1)
     max_tokens_per_batch: Optional[int] = Field(None, gt=0)  # token budget: fewer rows for long batches
-    # A worker's shard files under this size (on disk) are read once into Ray's object store and replayed each
-    # epoch; larger ones stream from Parquet every epoch (see OrderedShards).
-    in_memory_shard_mb: int = Field(256, ge=0)
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -128,7 +125,7 @@ class RunSection(_Strict):
 # location follows run.root.)
 RESUBMIT_MUTABLE = frozenset({
     "train.max_steps", "train.max_failures", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.samples_to_log", "train.nonfinite_loss", "train.max_nonfinite_skips", "train.in_memory_shard_mb",
+    "train.samples_to_log", "train.nonfinite_loss", "train.max_nonfinite_skips",
     "run.root", "run.tracking_uri", "data.shards",
 })
 

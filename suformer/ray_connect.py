@@ -26,18 +26,26 @@ def _not_the_progress_bar_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")  # we disabled them, on purpose
 
 
+def _not_a_corpus_error(record: logging.LogRecord) -> bool:
+    """Ray Data logs a task's exception with its whole traceback before the driver sees it; a DataError (a bad
+    line deep in a corpus file) is then printed once, by the job, as one line naming the file and line."""
+    from .data.corpus import DataError
+
+    return not (record.exc_info and isinstance(record.exc_info[1], DataError))
+
+
 def ray_data_console_warnings_only() -> None:
     """Ray Data writes every execution's plan and a progress report every few seconds to the console at INFO
-    level, and warns once per process that progress bars are off where we turned them off (the workers' per-epoch
-    reads): between the step lines a user reads that as noise or trouble. Raise its console handler to WARNING,
-    less that notice, in this process; its log file (ray-data.log in the Ray session's logs) keeps everything.
-    Called where Ray Data runs: the driver, the Train controller (which prepares the workers' datasets) and the
-    workers."""
+    level, warns that progress bars are off where they are, and logs the traceback of a bad corpus line the job
+    reports itself: between the step lines a user reads that as noise or trouble. Raise its console handler to
+    WARNING, less those, in this process (the job's driver, where the data stage runs); its log file
+    (ray-data.log in the Ray session's logs) keeps everything."""
     import ray.data  # noqa: F401 - configures the "ray.data" logger on import
     from ray.data._internal.logging import SessionFileHandler
 
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, SessionFileHandler):
             handler.setLevel(logging.WARNING)
-            if _not_the_progress_bar_notice not in handler.filters:
-                handler.addFilter(_not_the_progress_bar_notice)
+            for quiet in (_not_the_progress_bar_notice, _not_a_corpus_error):
+                if quiet not in handler.filters:
+                    handler.addFilter(quiet)

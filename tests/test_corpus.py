@@ -2,7 +2,6 @@
 rules and their counts, and the exit-2 preflight for every bad input (no Ray needed: the reader's per-file code is
 the one Ray Data runs)."""
 import gzip
-import json
 from collections import Counter
 
 import pyarrow as pa

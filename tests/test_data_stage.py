@@ -2,7 +2,6 @@
 single-process builder on the same documents; the shards hold every example exactly once, shuffled out of corpus
 order; the counts of what was skipped or repaired add up across formats."""
 import json
-import random
 
 import pyarrow.parquet as pq
 import pytest

@@ -1,11 +1,12 @@
-"""Pieces of the pretraining worker loop, each against an obvious reference: the metric sums, and the micro-batch
-stream read from Ray Data (order across epochs, resume positions), streamed or kept in the object store."""
+"""Pieces of the pretraining worker loop, each against an obvious reference: the metric sums, the micro-batch
+stream read from the worker's Parquet files (order across epochs, resume positions, what a resume reads), and
+checkpoint pruning."""
 import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from suformer.train.batches import StreamPosition, collate, micro_batches
@@ -42,33 +43,50 @@ def _shards(tmp_path, sizes):
     return files
 
 
-def _stream(files, position, count, in_memory_bytes, micro=4):
-    from suformer.train.pretrain import OrderedShards
-
-    [split] = OrderedShards(files, in_memory_bytes).configure({}, 1, None, None)
-    stream = micro_batches(split["train"], "pegasus", micro, None, position)
+def _stream(files, position, count, micro=4):
+    stream = micro_batches(files, "pegasus", micro, None, position)
     return [next(stream) for _ in range(count)]
 
 
-@pytest.mark.parametrize("in_memory_bytes", [0, 2**20], ids=["streamed", "in-memory"])
-def test_micro_batches_cycle_epochs_in_order_and_resume_mid_epoch(ray_cluster, tmp_path, in_memory_bytes):
+def test_micro_batches_cycle_epochs_in_order_and_resume_mid_epoch(tmp_path):
     files = _shards(tmp_path, [10, 7])  # 17 rows an epoch: 4 full micro-batches and one of a single row
-    got = _stream(files, StreamPosition(), 12, in_memory_bytes)
+    got = _stream(files, StreamPosition(), 12)
 
     rows = pq.read_table(files[0]).to_pylist() + pq.read_table(files[1]).to_pylist()
-    expected, position = [], StreamPosition()
+    expected = []
     for epoch in range(3):  # the obvious reading: each epoch in file order, cut into fours
         for start in range(0, 17, 4):
             chunk = rows[start:start + 4]
-            position = StreamPosition(epoch, start + len(chunk))
+            end = start + len(chunk)  # rows consumed in the epoch: file 0 holds the first 10
+            position = StreamPosition(epoch, 0, end) if end <= 10 else StreamPosition(epoch, 1, end - 10)
             expected.append((collate("pegasus", chunk), position))
     for (batch, pos), (want, want_pos) in zip(got, expected[:12]):
         assert pos == want_pos
         assert {k: v.tolist() for k, v in batch.items()} == {k: v.tolist() for k, v in want.items()}
 
-    resumed = _stream(files, got[6][1], 5, in_memory_bytes)  # from mid-epoch 1: exactly what followed
-    for (batch, pos), (want, want_pos) in zip(resumed, got[7:12]):
-        assert pos == want_pos and torch.equal(batch["input_ids"], want["input_ids"])
+    for resume_at in (2, 6, 9):  # mid-file 0, mid-file 1 of epoch 1 (past a row group), the end of epoch 1
+        resumed = _stream(files, got[resume_at][1], 3)
+        for (batch, pos), (want, want_pos) in zip(resumed, got[resume_at + 1:resume_at + 4]):
+            assert pos == want_pos and torch.equal(batch["input_ids"], want["input_ids"])
+
+
+def test_a_resume_reads_only_the_rest_of_its_file(tmp_path, monkeypatch):
+    files = _shards(tmp_path, [70, 70])  # row groups of 7
+    groups_read = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **k: groups_read.append(i) or real(self, i, *a, **k))
+    [(batch, _)] = _stream(files, StreamPosition(0, 1, 64), 1)
+    assert batch["input_ids"][:, :2].tolist() == [[101, 65], [101, 66], [101, 67], [101, 68]]
+    assert groups_read[0] == 9  # rows 63-69 of file 1: nothing before the position was read
+
+
+def test_checkpoints_saved_before_positions_named_a_file_resume_at_the_same_row(tmp_path):
+    files = _shards(tmp_path, [10, 7])
+    fs = pafs.LocalFileSystem()
+    assert StreamPosition.saved({"epoch": 2, "rows": 4}, files, fs) == StreamPosition(2, 0, 4)
+    assert StreamPosition.saved({"epoch": 2, "rows": 13}, files, fs) == StreamPosition(2, 1, 3)
+    assert StreamPosition.saved({"epoch": 1, "file": 1, "row": 3}, files, fs) == StreamPosition(1, 1, 3)
 
 
 def _checkpoint(storage: Path, step: int, complete: bool = True) -> None:

@@ -57,13 +57,13 @@ class CorpusFile:
 
 
 def _kind(path: str) -> Optional[str]:
+    """The format a file name says: text formats may carry a compression suffix, Parquet compresses inside."""
     name = path.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
     for suffix in COMPRESSED:
         name = name.removesuffix(suffix)
-    for kind in ("txt", "jsonl", "parquet"):
-        if name.endswith("." + kind) and not (kind == "parquet" and name != path.lower()):
-            return kind
-    return None
+    return next((kind[1:] for kind in TEXT_FORMATS if name.endswith(kind)), None)
 
 
 def _filesystem(entry: str) -> tuple[pafs.FileSystem, str]:

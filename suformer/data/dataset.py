@@ -12,7 +12,6 @@ import functools
 import hashlib
 import heapq
 import json
-import random
 import shutil
 import time
 from collections import Counter

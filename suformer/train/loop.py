@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
 from ..config import PretrainConfig
 from ..models import build_model, from_pretrained
-from ..ray_connect import ray_data_console_warnings_only
 from .batches import StreamPosition, micro_batches
 from .deepspeed_config import deepspeed_config
 from .jit_ops import load_deepspeed_ops, ops_for
@@ -138,7 +138,7 @@ def prune_unregistered_checkpoints(run_storage: Path, keep: int) -> list[Path]:
     return pruned
 
 
-def _restore(engine, directory: Path, rank: int, world: int) -> tuple[dict, StreamPosition]:
+def _restore(engine, directory: Path, rank: int, world: int, files: list[str], fs) -> tuple[dict, StreamPosition]:
     """Load a complete checkpoint into the engine and this rank's RNGs; returns (train state, data position)."""
     engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
     state = json.loads((directory / "train_state.json").read_text())
@@ -146,17 +146,18 @@ def _restore(engine, directory: Path, rank: int, world: int) -> tuple[dict, Stre
         raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has {world}: "
                            "a ZeRO checkpoint resumes at the same world size")
     _set_rng_state(torch.load(directory / f"rng_rank{rank}.pt", weights_only=False))
-    position = StreamPosition(**json.loads((directory / f"position_rank{rank}.json").read_text()))
+    position = StreamPosition.saved(json.loads((directory / f"position_rank{rank}.json").read_text()), files, fs)
     return state, position
 
 
-def _resume(engine, checkpoints: list[Path], rank: int, world: int) -> tuple[dict, StreamPosition, dict]:
+def _resume(engine, checkpoints: list[Path], rank: int, world: int, files: list[str],
+            fs) -> tuple[dict, StreamPosition, dict]:
     """Restore the newest complete checkpoint, skipping damaged ones; returns (train state, position, MLflow tags)."""
     skipped = []
     for directory in checkpoints:
         problem = checkpoint_problem(directory)
         if problem is None:
-            state, position = _restore(engine, directory, rank, world)
+            state, position = _restore(engine, directory, rank, world, files, fs)
             break
         skipped.append(f"{directory.name} ({problem})")
     else:
@@ -217,7 +218,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = PretrainConfig.model_validate(config["cfg"])
     t = cfg.train
-    ray_data_console_warnings_only()  # each epoch of the worker's shards is a Ray Data execution
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not t.use_gpu:  # one intra-op thread per reserved CPU: no oversubscription between co-located workers
@@ -232,11 +232,12 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(t))
     device = engine.device
+    files, fs = config["shard_files"][rank::world], pafs.LocalFileSystem()  # the shards were shuffled when written
     step, position, nonfinite_skipped = 0, StreamPosition(), 0
     checkpoints = _checkpoints_newest_first(Path(config["checkpoints"]))
     resumed_from = {}
     if checkpoints:
-        state, position, resumed_from = _resume(engine, checkpoints, rank, world)
+        state, position, resumed_from = _resume(engine, checkpoints, rank, world, files, fs)
         step, nonfinite_skipped = state["step"], state.get("nonfinite_skipped", 0)
         if rank == 0:
             _say(f"resumed from checkpoint at step {step}")
@@ -245,8 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
     if logger:  # where this attempt started, visible in the MLflow UI
         for key, value in resumed_from.items():
             logger.client.set_tag(logger.run_id, key, value)
-    stream = micro_batches(ray.train.get_dataset_shard("train"), cfg.data.objective, t.micro_batch_size,
-                           t.max_tokens_per_batch, position)
+    stream = micro_batches(files, cfg.data.objective, t.micro_batch_size, t.max_tokens_per_batch, position, fs)
     peak = next((v for k, v in PEAK_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
     flops_per_token = _flops_per_token(engine.module)
     # loss x tokens, correct, predicted tokens, input tokens: summed on the device, read once per logging window

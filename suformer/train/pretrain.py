@@ -10,51 +10,21 @@ import os
 import tempfile
 from pathlib import Path
 
-import ray
 import yaml
-from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..config import RESUBMIT_MUTABLE, PretrainConfig
 from ..data.corpus import DataError, preflight
 from ..data.dataset import READY, ensure_vocab, prepare_shards, shard_files
 from ..data.objectives import OBJECTIVES
-from ..ray_connect import connect_or_start, ray_data_console_warnings_only
+from ..ray_connect import connect_or_start
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config
 from .loop import CHECKPOINT_TAG, STOPPED_TAG, build, train_loop_per_worker
 
 class TrainingStopped(RuntimeError):
     """The workers stopped the run on purpose (a non-finite loss); the latest checkpoint is the last good state."""
-
-
-class OrderedShards(DataConfig):
-    """Worker r reads shard files r, r + W, r + 2W, ... in order (read_parquet with preserve_order).
-
-    Deterministic per-rank streams make an exact resume possible; Ray's default streaming_split balances blocks
-    between workers dynamically and so cannot replay a worker's stream after a restart. A worker's files smaller
-    than `in_memory_bytes` are read once and kept in the object store: every epoch of a streamed dataset is a new
-    Ray Data execution, which cost 5-7 CPU-seconds here however small the files (a stall at each epoch boundary
-    of a small corpus), while replaying a materialized one costs nothing.
-    """
-
-    def __init__(self, files: list[str], in_memory_bytes: int):
-        super().__init__()
-        self.files, self.in_memory_bytes = files, in_memory_bytes
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        ray_data_console_warnings_only()  # this runs in the Train controller
-        splits = []  # run_pretraining has checked that there are at least world_size files
-        for rank in range(world_size):
-            files = self.files[rank::world_size]
-            ds = ray.data.read_parquet(files, shuffle=None)
-            ds.context.execution_options = ExecutionOptions(preserve_order=True)
-            ds.context.enable_progress_bars = False  # one bar per epoch per worker would drown the log
-            if sum(os.path.getsize(f) for f in files) <= self.in_memory_bytes:
-                ds = ds.materialize()
-            splits.append({"train": ds.iterator()})
-        return splits
 
 
 def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> Path:
@@ -155,7 +125,8 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_id": run_id, "tracking_uri": uri,
-                           "vocab_size": len(tokenizer), "checkpoints": str(storage / cfg.run.name)},
+                           "vocab_size": len(tokenizer), "checkpoints": str(storage / cfg.run.name),
+                           "shard_files": files},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
@@ -164,8 +135,6 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        datasets={"train": ray.data.read_parquet(files)},
-        dataset_config=OrderedShards(files, in_memory_bytes=cfg.train.in_memory_shard_mb * 2**20),
     )
     try:
         result = trainer.fit()

@@ -2,7 +2,8 @@
 
 Examples: input_ids `[CLS] source [SEP] summary [SEP]` (<= max_len), token_type_ids 0 on the source, 1 on the
 summary; the loss predicts each summary token from the ones before it (a UniLM attention mask). Chunks are sized
-to fit max_len (char tokens: about one per character), so no text is cut off the example.
+to max_len (char tokens: about one per character), so few examples lose text to truncation: 1 in 666 at max_len
+512 on People's Daily articles; a chunk still overflows when its data.min_units units are long.
 """
 from __future__ import annotations
 
