@@ -69,6 +69,10 @@ class MetricLogger:
         self.system.start()
 
     def close(self) -> None:
+        # One last sample, published before the monitor stops: MLflow's monitor publishes only after a full
+        # sampling interval, so an attempt shorter than that (a quick resume) would record no system metrics.
+        self.system.collect_metrics()
+        self.system.publish_metrics(self.system.aggregate_metrics())
         self.system.finish()
 
     def log(self, step: int, metrics: dict[str, float], replayed_steps: str = "skip") -> None:
