@@ -1,7 +1,7 @@
 """Corpus -> training examples -> shuffled Parquet shards, a Ray Data pipeline that runs on the cluster.
 
 The driver lists the corpus and checks a sample of every file (`corpus.preflight`); Ray Data tasks read the files
-(`reader.read_corpus`), actors clean, count and build examples, a seeded global shuffle mixes them, and tasks write
+(`reader.read_corpus`) and, fused with the reads, clean, count and build examples, a seeded global shuffle mixes them, and tasks write
 `shard-NNNNN.parquet` files under one directory, with a `_READY.json` marker written last (a directory without
 it is never used). The driver never holds documents: what it receives are counts, from a small counting actor.
 The rows are the objective's (`objectives/`), one per example.
@@ -59,22 +59,25 @@ def _kept_texts(batch: dict) -> list[str]:
     return [str(t) for t, s in zip(batch["text"], batch["skipped"]) if not s]
 
 
-class _ExampleBuilder:
-    """Ray Data map_batches callable: one tokenizer per worker process; counts go to the stage's counter."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(vocab_path: str, pre_tokenize: Optional[str]) -> Tokenizer:
+    """One tokenizer per Ray worker process, reused by every task it runs (tasks, not an actor pool: Read and
+    this map fuse into one task, and no actor holds a CPU the read and shuffle tasks wait for)."""
+    return Tokenizer(vocab_path, pre_tokenize=pre_tokenize)
 
-    def __init__(self, data: dict, vocab_path: str, counter):
-        self.data = DataSection.model_validate(data)
-        self.tokenizer = Tokenizer(vocab_path, pre_tokenize=OBJECTIVES[self.data.objective].pre_tokenize)
-        self.counter = counter
 
-    def __call__(self, batch: dict) -> pa.Table:
-        counts = _document_counts(batch)
-        columns = examples_from_documents(_kept_texts(batch), self.data, self.tokenizer, counts)
-        counts["examples"] = len(columns["num_tokens"])
-        import ray
+def _build_examples(batch: dict, data: dict, vocab_path: str, counter) -> pa.Table:
+    """Ray Data map_batches function: document rows -> the objective's example rows; counts go to `counter`."""
+    data = DataSection.model_validate(data)
+    objective = OBJECTIVES[data.objective]
+    counts = _document_counts(batch)
+    columns = examples_from_documents(_kept_texts(batch), data, _tokenizer(vocab_path, objective.pre_tokenize),
+                                      counts)
+    counts["examples"] = len(columns["num_tokens"])
+    import ray
 
-        ray.get(self.counter.add.remote(dict(counts)))  # waited for: the totals are read once the stage ends
-        return pa.Table.from_pydict(columns, schema=OBJECTIVES[self.data.objective].schema)
+    ray.get(counter.add.remote(dict(counts)))  # waited for: the totals are read once the stage ends
+    return pa.Table.from_pydict(columns, schema=objective.schema)
 
 
 class _Counts:
@@ -193,28 +196,23 @@ def _vocab_sample(data: DataSection, files: list[CorpusFile]) -> tuple[list[Corp
     return sorted(chosen, key=lambda f: f.path), min(1.0, budget / size)
 
 
-class _TokenCounter:
-    """Ray Data map_batches callable: (token, count) rows of one batch's sampled documents."""
+def _count_batch(batch: dict, words: bool, keep_rate: float, seed: int) -> dict:
+    """Ray Data map_batches function: (token, count) rows of one batch's sampled documents. A document is in the
+    sample when a seeded hash of its text falls under the rate: the same sample however the work is split."""
 
-    def __init__(self, words: bool, keep_rate: float, seed: int):
-        self.words, self.keep_rate, self.seed = words, keep_rate, seed
+    def kept(text: str) -> bool:
+        digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+        return keep_rate >= 1.0 or int.from_bytes(digest[:8], "little") < keep_rate * 2**64
 
-    def _kept(self, text: str) -> bool:
-        digest = hashlib.sha256(f"{self.seed}:{text}".encode()).digest()
-        return self.keep_rate >= 1.0 or int.from_bytes(digest[:8], "little") < self.keep_rate * 2**64
-
-    def __call__(self, batch: dict) -> dict:
-        chars, multi = count_vocab_tokens([t for t in _kept_texts(batch) if self._kept(t)], words=self.words)
-        counts = chars + multi  # a char and a multi-character token never share a key
-        return {"token": list(counts), "count": list(counts.values())}
+    chars, multi = count_vocab_tokens([t for t in _kept_texts(batch) if kept(t)], words=words)
+    counts = chars + multi  # a char and a multi-character token never share a key
+    return {"token": list(counts), "count": list(counts.values())}
 
 
 def _count_tokens(data: DataSection, fs: pafs.FileSystem, files: list[CorpusFile], keep_rate: float,
                   words: bool) -> tuple[dict, dict]:
-    """Distributed counting: batches counted by Ray Data actors, summed by a groupby on the cluster; the driver
+    """Distributed counting: batches counted by Ray Data tasks, summed by a groupby on the cluster; the driver
     receives every distinct character and the top multi-character tokens, never the text."""
-    import ray
-
     from .reader import read_corpus
 
     ray_data_console_warnings_only()
@@ -225,8 +223,7 @@ def _count_tokens(data: DataSection, fs: pafs.FileSystem, files: list[CorpusFile
         documents = documents.limit(data.max_documents)
     try:
         counts = documents.map_batches(
-            _TokenCounter, fn_constructor_kwargs=dict(words=words, keep_rate=keep_rate, seed=data.seed),
-            batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpus()),
+            _count_batch, fn_kwargs=dict(words=words, keep_rate=keep_rate, seed=data.seed), batch_size=256,
         ).groupby("token").sum("count")
         # Streamed to the driver, which keeps every character (a few thousand) and a bounded heap of the
         # most frequent multi-character tokens (ties by token, as vocab_from_counts ranks them).
@@ -257,12 +254,6 @@ class _Ranked:
 
     def __lt__(self, other):
         return (self.count, other.token) < (other.count, self.token)
-
-
-def _cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def check_makes_examples(data: DataSection, sample: list[dict], files: list[CorpusFile]) -> None:
@@ -311,9 +302,8 @@ def prepare_shards(data: DataSection, vocab_path: Path, root: Path, corpus=None)
     if data.max_documents:
         documents = documents.limit(data.max_documents)
     examples = documents.map_batches(
-        _ExampleBuilder, fn_constructor_kwargs=dict(data=data.model_dump(), vocab_path=str(vocab_path),
-                                                    counter=counter),
-        batch_size=64, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpus()),
+        _build_examples, fn_kwargs=dict(data=data.model_dump(), vocab_path=str(vocab_path), counter=counter),
+        batch_size=64,
     )
     try:
         # A seeded global shuffle: no worker trains in corpus order. The shards, once written, fix the order for
