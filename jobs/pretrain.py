@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         elif cfg.data.vocab:
             check_vocab(cfg.data.vocab, cfg.data.objective)
         corpus = preflight(cfg.data)  # every file listed and its start read: bad input is named here
-        check_makes_examples(cfg.data, corpus[2], corpus[1])
+        check_makes_examples(cfg.data, corpus)
         changed = changed_settings(recorded_params(cfg.tracking_uri, cfg.run.experiment, cfg.run.name), cfg.flat(),
                                    RESUBMIT_MUTABLE)
         if changed:

@@ -151,8 +151,7 @@ def test_one_sentence_per_line_makes_pegasus_examples_unless_read_as_documents(t
     corpus = tmp_path / "sentences.txt"
     corpus.write_text("\n\n".join(paragraphs) + "\n")
     data = DataSection(corpus=str(corpus))
-    fs, files, sample = preflight(data)
-    check_makes_examples(data, sample, files)  # the default reads documents: long enough for pseudo-summaries
+    check_makes_examples(data, preflight(data))  # the default reads documents: long enough for pseudo-summaries
     assert run_job(tmp_path, f"{{corpus: '{corpus}', txt_documents: line}}") == 2
     err = capsys.readouterr().err
     assert "none of the" in err and "makes a pegasus example: a pseudo-summary needs at least data.min_units=3" in err

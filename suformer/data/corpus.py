@@ -11,9 +11,9 @@ line). Cleaning, the same for every format: a line the encoding cannot decode is
 NUL characters are removed, empty documents and lines longer than `data.max_document_chars` are skipped; a
 blank-line document that grows past that limit is cut at a line boundary (nothing is thrown away).
 
-The reader (`reader.py`, Ray Data's side) emits one row per document read, skipped ones included with empty text and the reason, so that the
-stage after it counts what was skipped without a side channel: columns `text`, `skipped` ("", "empty",
-"overlong"), `nul` (bool), `undecodable_lines` (int32).
+The reader (`reader.py`, Ray Data's side) emits one row per document read, skipped ones included with empty text
+and the reason, so that the stage after it counts what was skipped without a side channel: columns `text`,
+`skipped` ("", "empty", "overlong"), `nul` (bool), `undecodable_lines` (int32).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -295,15 +295,22 @@ def _check_encoding(sample: bytes, path: str, encoding: Optional[str]) -> None:
                     f"lines cannot be decoded, the first at line {bad[0]}); {hint}")
 
 
-def preflight(data: DataSection) -> tuple[pafs.FileSystem, list[CorpusFile], list[dict]]:
+class Corpus(NamedTuple):
+    """What the preflight found: where the files are, which, and the first non-empty sample's document rows
+    (for the objective's own check)."""
+    fs: pafs.FileSystem
+    files: list[CorpusFile]
+    sample: list[dict]
+
+
+def preflight(data: DataSection) -> Corpus:
     """List the corpus and read the start of every file, raising a DataError naming the file (and line) for any
-    input the cluster's reader would reject; returns the filesystem, the files and the first non-empty sample's
-    documents (for the objective's own check)."""
+    input the cluster's reader would reject."""
     fs, files = list_corpus(data.corpus)
     # Samples read concurrently: on object storage each is a request whose latency dominates.
     with ThreadPoolExecutor(16) as pool:
         samples = list(pool.map(lambda file: _sample_documents(fs, file, data), files))
-    return fs, files, next((s for s in samples if s), [])
+    return Corpus(fs, files, next((s for s in samples if s), []))
 
 
 def _sample_documents(fs: pafs.FileSystem, file: CorpusFile, data: DataSection) -> list[dict]:

@@ -1,10 +1,10 @@
 """Corpus -> training examples -> shuffled Parquet shards, a Ray Data pipeline that runs on the cluster.
 
 The driver lists the corpus and checks a sample of every file (`corpus.preflight`); Ray Data tasks read the files
-(`reader.read_corpus`) and, fused with the reads, clean, count and build examples, a seeded global shuffle mixes them, and tasks write
-`shard-NNNNN.parquet` files under one directory, with a `_READY.json` marker written last (a directory without
-it is never used). The driver never holds documents: what it receives are counts, from a small counting actor.
-The rows are the objective's (`objectives/`), one per example.
+(`reader.read_corpus`) and, fused with the reads, clean, count and build examples; a seeded global shuffle mixes
+them, and tasks write `shard-NNNNN.parquet` files under one directory, with a `_READY.json` marker written last
+(a directory without it is never used). The driver never holds documents: what it receives are counts, from a
+small counting actor. The rows are the objective's (`objectives/`), one per example.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 from ..config import DataSection
 from ..ray_connect import ray_data_console_warnings_only
 from ..tokenizer import Tokenizer, count_vocab_tokens, load_vocab, vocab_from_counts, write_vocab
-from .corpus import CorpusFile, DataError, preflight
+from .corpus import Corpus, CorpusFile, DataError, preflight
 from .objectives import OBJECTIVES
 
 READY = "_READY.json"
@@ -66,9 +66,8 @@ def _tokenizer(vocab_path: str, pre_tokenize: Optional[str]) -> Tokenizer:
     return Tokenizer(vocab_path, pre_tokenize=pre_tokenize)
 
 
-def _build_examples(batch: dict, data: dict, vocab_path: str, counter) -> pa.Table:
+def _build_examples(batch: dict, data: DataSection, vocab_path: str, counter) -> pa.Table:
     """Ray Data map_batches function: document rows -> the objective's example rows; counts go to `counter`."""
-    data = DataSection.model_validate(data)
     objective = OBJECTIVES[data.objective]
     counts = _document_counts(batch)
     columns = examples_from_documents(_kept_texts(batch), data, _tokenizer(vocab_path, objective.pre_tokenize),
@@ -155,7 +154,7 @@ def check_vocab(path: str, objective: str) -> Path:
 def ensure_vocab(data: DataSection, root: Path, init_from: Optional[str] = None, corpus=None) -> Path:
     """The configured vocab (checked against `init_from`'s), or one counted from a sample of the corpus on the
     cluster (jieba words + characters for PEGASUS, characters for MLM/UniLM) and cached under `root`/vocab.
-    `corpus` is `corpus.preflight`'s (filesystem, files, sample), when the caller has it."""
+    `corpus` is `corpus.preflight`'s result, when the caller has it."""
     if init_from:
         return vocab_for_init(init_from, data.vocab)
     if data.vocab:
@@ -256,13 +255,13 @@ class _Ranked:
         return (self.count, other.token) < (other.count, self.token)
 
 
-def check_makes_examples(data: DataSection, sample: list[dict], files: list[CorpusFile]) -> None:
+def check_makes_examples(data: DataSection, corpus: Corpus) -> None:
     """Exit-2 check before anything starts: the start of the corpus makes examples for the objective. (The
     commonest failure: a .txt with one sentence per line read as one document per line, too short for PEGASUS.)"""
-    texts = [row["text"] for row in sample if not row["skipped"]]
+    texts = [row["text"] for row in corpus.sample if not row["skipped"]]
     if not texts or any(OBJECTIVES[data.objective].makes_examples(t, data) for t in texts):
         return
-    raise DataError(_no_examples_message(data, len(texts), files, "in the first megabyte of the corpus"))
+    raise DataError(_no_examples_message(data, len(texts), corpus.files, "in the first megabyte of the corpus"))
 
 
 def _no_examples_message(data: DataSection, documents: int, files: list[CorpusFile], where: str) -> str:
@@ -276,7 +275,7 @@ def _no_examples_message(data: DataSection, documents: int, files: list[CorpusFi
 
 def prepare_shards(data: DataSection, vocab_path: Path, root: Path, corpus=None) -> Path:
     """Build (or reuse) the shuffled Parquet shards for `data` on the cluster; returns their directory.
-    `corpus` is `corpus.preflight`'s (filesystem, files, sample), when the caller has it."""
+    `corpus` is `corpus.preflight`'s result, when the caller has it."""
     import ray
 
     from .reader import read_corpus
@@ -302,7 +301,7 @@ def prepare_shards(data: DataSection, vocab_path: Path, root: Path, corpus=None)
     if data.max_documents:
         documents = documents.limit(data.max_documents)
     examples = documents.map_batches(
-        _build_examples, fn_kwargs=dict(data=data.model_dump(), vocab_path=str(vocab_path), counter=counter),
+        _build_examples, fn_kwargs=dict(data=data, vocab_path=str(vocab_path), counter=counter),
         batch_size=64,
     )
     try:

@@ -27,7 +27,7 @@ class _CorpusDatasource(FileBasedDatasource):
 
     def __init__(self, data: DataSection, fs: pafs.FileSystem, files: list[CorpusFile]):
         super().__init__([f.path for f in files], filesystem=fs)
-        self._data = data.model_dump()
+        self._data = data
         self._kinds = {f.path: f.kind for f in files}
 
     def _open_input_source(self, filesystem, path: str, **open_args):
@@ -36,7 +36,7 @@ class _CorpusDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        rows = file_documents(f, self._kinds[path], path, DataSection.model_validate(self._data))
+        rows = file_documents(f, self._kinds[path], path, self._data)
         block = []
         for row in rows:
             block.append(row)

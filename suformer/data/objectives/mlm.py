@@ -13,7 +13,6 @@ import hashlib
 import logging
 import random
 
-
 import jieba
 import pyarrow as pa
 
