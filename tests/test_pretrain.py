@@ -343,6 +343,13 @@ def test_checkpoint_problem_names_the_damage(tmp_path):
     assert checkpoint_problem(tmp_path) == "state/shard.pt has 60 bytes, 100 were written"
     (tmp_path / "state" / "shard.pt").unlink()
     assert checkpoint_problem(tmp_path) == "state/shard.pt is missing"
+    # another rank's files still being copied in: an empty or cut JSON file is an incomplete checkpoint
+    for name in ("manifest_rank0.json", "train_state.json"):
+        full = (tmp_path / name).read_text()
+        for part in ("", full[: len(full) // 2]):
+            (tmp_path / name).write_text(part)
+            assert checkpoint_problem(tmp_path) == f"{name} is incomplete"
+        (tmp_path / name).write_text(full)
 
 
 def _model_with_a_damaged_token(zero_runs, out_dir):

@@ -93,17 +93,28 @@ def _write_manifest(directory: Path, rank: int) -> None:
     (directory / f"manifest_rank{rank}.json").write_text(json.dumps(files))
 
 
+def _read_json(path: Path) -> dict | str:
+    """A checkpoint's JSON file, or why it cannot be read. Another rank's part of the newest checkpoint may still
+    be on its way into the folder when rank 0 looks (it prunes right after its own report), so an empty or cut
+    file is a checkpoint that is not complete yet, not an error."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        return json.loads(path.read_text())
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        return f"{path.name} is incomplete"
+
+
 def checkpoint_problem(directory: Path) -> str | None:
     """Why a checkpoint directory cannot be resumed from (a missing or truncated file), or None if it is complete."""
-    state_file = directory / "train_state.json"
-    if not state_file.is_file():
-        return "train_state.json is missing"
-    world = json.loads(state_file.read_text())["world_size"]
-    for rank in range(world):
-        manifest = directory / f"manifest_rank{rank}.json"
-        if not manifest.is_file():
-            return f"{manifest.name} is missing"
-        for name, size in json.loads(manifest.read_text()).items():
+    state = _read_json(directory / "train_state.json")
+    if isinstance(state, str):
+        return state
+    for rank in range(state["world_size"]):
+        files = _read_json(directory / f"manifest_rank{rank}.json")
+        if isinstance(files, str):
+            return files
+        for name, size in files.items():
             path = directory / name
             if not path.is_file():
                 return f"{name} is missing"
