@@ -53,7 +53,7 @@ def driver(args) -> None:
 
     from suformer.config import DataSection
     from suformer.data.corpus import preflight
-    from suformer.data.dataset import prepare_shards
+    from suformer.data.dataset import prepare_shards, shard_files
 
     data = DataSection(corpus=args.corpus, objective=args.objective, vocab=args.vocab, max_len=512,
                        rows_per_shard=5000)
@@ -74,7 +74,7 @@ def driver(args) -> None:
     import pyarrow.parquet as pq
 
     tokens = sum(pq.read_table(p, columns=["num_tokens"]).column(0).to_numpy().sum()
-                 for p in shards.glob("shard-*.parquet"))
+                 for p in shard_files(shards))
     print(json.dumps({"seconds": seconds, "documents": ready["documents"], "examples": ready["examples"],
                       "tokens": int(tokens), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     ray.shutdown()
@@ -137,6 +137,7 @@ def main():
         return driver(args)
 
     from suformer.data.corpora import peoples_daily
+    from suformer.data.dataset import shard_files
     from suformer.tokenizer import build_vocab, write_vocab
 
     print(f"# {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}")
@@ -159,8 +160,8 @@ def main():
                 rate = r["tokens"] / r["seconds"] / args.cpus
                 rows.append((f"{size:g} MB", f"{objective}, {args.cpus} CPUs", f"{rate:,.0f} tok/s/core, "
                              f"{r['examples']:,} examples, {r['seconds']:.1f} s", r["peak_rss_mb"]))
-        resume_rows = first_batch_after_resume(sorted((tmp / f"root-{max(args.sizes_mb):g}-mlm").glob(
-            "data/*/shard-*.parquet")))
+        largest = tmp / f"root-{max(args.sizes_mb):g}-mlm" / "data"
+        resume_rows = first_batch_after_resume([Path(f) for f in shard_files(next(largest.iterdir()))])
     print(f"| {'corpus':<8} | {'data stage':<42} | {'throughput':<46} | {'driver peak RSS':>15} |")
     print(f"|{'-' * 10}|{'-' * 44}|{'-' * 48}|{'-' * 17}|")
     for corpus, what, rate, rss in rows:

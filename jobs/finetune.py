@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     tracking.log_params(uri, run_id, cfg.flat())
     try:
         out = finetune(cfg, run_id, report=_progress(cfg), splits=splits, progress=True)
-        model_dir = cfg.run_dir / "model"
+        model_dir = Path(cfg.run_dir.path) / "model"
         save_finetuned(out, cfg, model_dir)
         tracking.log_model(uri, run_id, str(model_dir), name=cfg.run.name, step=cfg.train.epochs,
                            model_type=f"{cfg.model.family}-{cfg.data.task}")

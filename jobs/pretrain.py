@@ -13,6 +13,7 @@ import sys
 from suformer.config import RESUBMIT_MUTABLE, ConfigError, job_arguments, load_config
 from suformer.data.corpus import DataError, preflight
 from suformer.data.dataset import check_makes_examples, check_vocab, vocab_for_init
+from suformer.storage import Location
 from suformer.tracking import browse_lines, changed_settings, recorded_params
 
 
@@ -28,9 +29,17 @@ def main(argv=None) -> int:
             vocab_for_init(cfg.model.init_from, cfg.data.vocab)
         elif cfg.data.vocab:
             check_vocab(cfg.data.vocab, cfg.data.objective)
+        tracking_uri = cfg.tracking_uri  # a run root on object storage needs a tracking store of its own
+        try:  # an object store's bucket is looked up here; a local root is made when it is first written
+            root = Location.of(cfg.run.root)
+            bucket = root.path.split("/")[0]
+            if not root.is_local and not Location(root.fs, bucket).is_dir():
+                raise ValueError(f"bucket {bucket!r} not found")
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"run.root {cfg.run.root!r}: {error}") from None
         corpus = preflight(cfg.data)  # every file listed and its start read: bad input is named here
         check_makes_examples(cfg.data, corpus)
-        changed = changed_settings(recorded_params(cfg.tracking_uri, cfg.run.experiment, cfg.run.name), cfg.flat(),
+        changed = changed_settings(recorded_params(tracking_uri, cfg.run.experiment, cfg.run.name), cfg.flat(),
                                    RESUBMIT_MUTABLE)
         if changed:
             raise ConfigError(f"run.name {cfg.run.name!r} already exists with other values for {', '.join(changed)}: "

@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .storage import Location
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file and key."""
@@ -135,8 +137,8 @@ class _Job(_Strict):
 
     # -- derived locations --------------------------------------------------------------------------------------
     @property
-    def run_dir(self) -> Path:
-        return Path(self.run.root).expanduser().resolve() / self.run.name
+    def run_dir(self) -> Location:
+        return Location.of(self.run.root) / self.run.name
 
     @property
     def tracking_uri(self) -> str:
@@ -144,7 +146,11 @@ class _Job(_Strict):
             return self.run.tracking_uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{Path(self.run.root).expanduser().resolve() / 'mlflow.db'}"
+        if "://" in self.run.root:
+            raise ConfigError(f"run.root={self.run.root!r} is on object storage, where MLflow cannot keep its "
+                              "database: set run.tracking_uri (an MLflow server, or sqlite:///<local path>) or "
+                              "MLFLOW_TRACKING_URI")
+        return f"sqlite:///{Location.of(self.run.root).path}/mlflow.db"
 
     def flat(self) -> dict[str, Any]:
         """`section.key: value` pairs (MLflow params)."""
@@ -260,7 +266,11 @@ class FinetuneConfig(_Job):
     @model_validator(mode="after")
     def _fits_task(self):
         task, tricks = self.data.task, self.tricks
+        if "://" in self.run.root:
+            raise ValueError(f"run.root {self.run.root!r}: fine-tuning keeps its runs on a local or shared "
+                             "filesystem (object storage is for pretraining runs)")
         if self.model.family != TASK_FAMILY[task]:
+
             raise ValueError(f"data.task {task!r} fine-tunes {TASK_FAMILY[task]}, not model.family "
                              f"{self.model.family!r}")
         if self.model.init_from:

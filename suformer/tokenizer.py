@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 
 import jieba
 
+from .storage import Location
+
 SPECIAL_TOKENS = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "<S>", "<T>"]
 _CJK_PUNCTUATION = (
     "\uff02\uff03\uff04\uff05\uff06\uff07\uff08\uff09\uff0a\uff0b\uff0c\uff0d\uff0f\uff1a\uff1b\uff1c\uff1d\uff1e"
@@ -290,4 +292,6 @@ def build_vocab(
 
 
 def write_vocab(tokens: list[str], path) -> None:
-    Path(path).write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    """One token per line, to a local path or URI (whole or not at all)."""
+    Location.of(path).write_text("\n".join(tokens) + "\n")
+

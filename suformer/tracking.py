@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from .storage import Location
+
 RUN_NAME_TAG = "suformer.run_name"
 # The experiment's kind, for MLflow clients that read it. MLflow 3.17's UI itself follows its own GenAI / Model
 # training switch instead (see browse_lines).
@@ -30,7 +32,7 @@ def _newest_run_named(client, experiment_id: str, run_name: str):
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[dict] = None,
-             run_root: Optional[Path] = None, resume: bool = True) -> tuple[str, bool]:
+             run_root=None, resume: bool = True) -> tuple[str, bool]:
     """(run id, resumed): the newest run tagged with `run_name` in `experiment` (when `resume`), else a new one.
 
     With a SQLite store, a new experiment keeps its artifacts in `run_root`/mlartifacts: without that, MLflow puts
@@ -38,7 +40,11 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[d
     tracking server decides where artifacts go itself."""
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    artifacts = (Path(run_root) / "mlartifacts").as_uri() if run_root and tracking_uri.startswith("sqlite:") else None
+    artifacts = None
+    if run_root is not None and tracking_uri.startswith("sqlite:"):  # on object storage too (s3://.../mlartifacts)
+        root = Location.of(run_root)
+        artifacts = Path(root.path, "mlartifacts").as_uri() if root.is_local else (root / "mlartifacts").uri
+
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts,
                                                                     tags=EXPERIMENT_KIND_TAGS)
     found = _newest_run_named(client, exp_id, run_name) if resume else None

@@ -1,7 +1,8 @@
 """Bad input on the cluster's side of the data stage (the corpus reader's own cases are in test_corpus): a bad line
-past the preflight's sample, damaged prepared shards (set aside and rebuilt, never trained on), vocabs that do not
-fit `model.init_from`."""
+past the preflight's sample, damaged prepared shards (left as they are and rebuilt, never trained on), vocabs that
+do not fit `model.init_from`."""
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,19 +37,28 @@ def test_shard_damage_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_damaged_shards_are_set_aside_and_rebuilt(ray_cluster, tmp_path, vocab_file):
+def test_damaged_shards_on_object_storage_are_kept_and_rebuilt(ray_cluster, s3_server, tmp_path, vocab_file):
+    """Shards written to a real S3 API by the cluster's tasks (no renames: a fresh build folder, the marker last);
+    a shard damaged afterwards is found, the damaged build is left as it is and a new build replaces it."""
+    from suformer.storage import Location
+
+    root = f"s3://{s3_server.bucket}/{tmp_path.name}"
     data = DataSection(corpus="peoples_daily", max_documents=120, rows_per_shard=20, vocab_size=3000)
-    first = prepare_shards(data, vocab_file, tmp_path)
+    first = prepare_shards(data, vocab_file, root)
+    assert first.uri.startswith(root) and not first.is_local
     ready = json.loads((first / "_READY.json").read_text())
     assert ready["documents"] == 120 and sum(ready["shard_rows"].values()) == ready["examples"]
-    victim = sorted(first.glob("shard-*.parquet"))[0]
+    assert all(name.startswith(ready["build"] + "/shard-") for name in ready["shard_rows"])
+    victim = first / next(iter(ready["shard_rows"]))
     victim.write_bytes(victim.read_bytes()[:100])
 
-    again = prepare_shards(data, vocab_file, tmp_path)
+    again = prepare_shards(data, vocab_file, root)
     assert again == first and _shards_problem(again) is None
-    assert json.loads((again / "_READY.json").read_text())["shard_rows"] == ready["shard_rows"]  # same examples
-    (aside,) = first.parent.glob(f"{first.name}.damaged-*")
-    assert (aside / victim.name).stat().st_size == 100  # the damaged copy is kept, not deleted
+    rebuilt = json.loads((again / "_READY.json").read_text())
+    assert rebuilt["build"] != ready["build"]
+    assert sorted(rebuilt["shard_rows"].values()) == sorted(ready["shard_rows"].values())  # the same examples
+    assert len(victim.read_bytes()) == 100  # the damaged build is kept, not deleted
+    assert not Location.of(tmp_path / "data").exists()  # nothing written locally
 
 
 def _checkpoint_dir(path, vocab_tokens):
@@ -63,7 +73,7 @@ def test_init_from_uses_its_own_vocab_and_rejects_any_other(tmp_path):
 
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "甲", "乙"]
     model = _checkpoint_dir(tmp_path / "model", tokens)
-    assert vocab_for_init(str(model), None) == model / "vocab.txt"
+    assert vocab_for_init(str(model), None).path == str(model / "vocab.txt")
     other = tmp_path / "other.txt"
     other.write_text("\n".join(tokens[:-1]) + "\n")
     with pytest.raises(DataError, match=r"other\.txt has 6 tokens, model\.init_from .* has vocab_size 7"):
@@ -93,7 +103,8 @@ def test_vocab_is_built_without_the_documents_training_skips(ray_cluster, tmp_pa
     corpus = tmp_path / "c.txt"
     corpus.write_text("今天天气很好。\n" * 5 + "龘" * 80 + "\n")
     data = DataSection(corpus=str(corpus), vocab_size=200, max_document_chars=50, objective="mlm")
-    vocab = load_vocab(ensure_vocab(data, tmp_path))
+    vocab = load_vocab(ensure_vocab(data, tmp_path).local_file())
+
     assert "天" in vocab and "龘" not in vocab
 
 
@@ -133,3 +144,25 @@ def test_a_bad_line_past_the_preflight_sample_stops_the_stage_naming_it(ray_clus
         prepare_shards(data, vocab_file, tmp_path)
     assert "Traceback" not in str(raised.value)
     assert not list((tmp_path / "data").glob("*/_READY.json"))  # nothing marked ready
+
+
+def test_an_object_storage_run_root_without_a_tracking_store_or_a_bucket_exits_2(tmp_path, capsys, monkeypatch):
+    """MLflow's database cannot live in a bucket: the job says which setting to add before anything starts; a
+    bucket that does not exist or cannot be reached is named too."""
+    from suformer.config import FinetuneConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["--config", "jobs/configs/t5_pegasus_tiny_cpu.yaml", "--set", "run.root=s3://bucket/runs"]
+    assert pretrain_main()(args) == 2
+    assert "run.root='s3://bucket/runs' is on object storage" in capsys.readouterr().err
+    tracking = ["--set", f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    with monkeypatch.context() as unreachable:  # AWS' own endpoint: no such host here
+        unreachable.delenv("AWS_ENDPOINT_URL", raising=False)
+        assert pretrain_main()(args + tracking) == 2
+        assert "error: run.root 's3://bucket/runs': " in capsys.readouterr().err
+    if os.environ.get("AWS_ENDPOINT_URL"):  # the suite's S3 server, when it runs: a bucket it does not have
+        assert pretrain_main()(args + tracking) == 2
+        assert "error: run.root 's3://bucket/runs': bucket 'bucket' not found" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="fine-tuning keeps its runs on a local or shared filesystem"):
+        FinetuneConfig.model_validate({"run": {"root": "s3://bucket/runs"}})

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from suformer.config import DataSection
-from suformer.data.dataset import ensure_vocab, prepare_shards
+from suformer.data.dataset import ensure_vocab, prepare_shards, shard_files
 from suformer.tokenizer import build_vocab, load_vocab
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ def test_the_cluster_counted_vocab_equals_the_single_process_builder(ray_cluster
     corpus = tmp_path / "news.txt"
     corpus.write_text("\n".join(news[:400]) + "\n")
     data = DataSection(corpus=str(corpus), txt_documents="line", vocab_size=3000, objective=objective)
-    built = load_vocab(ensure_vocab(data, tmp_path))
+    built = load_vocab(ensure_vocab(data, tmp_path).local_file())
     expected = build_vocab([d.strip() for d in news[:400] if d.strip()], 3000, words=objective == "pegasus")
     assert list(built) == expected
 
@@ -31,7 +31,7 @@ def test_a_sampled_vocab_is_reproducible_and_counts_about_the_sample_size(ray_cl
     first = ensure_vocab(data, tmp_path / "a")
     assert first.read_bytes() == ensure_vocab(data, tmp_path / "b").read_bytes()
     full = build_vocab(news[:1500], 100_000, words=False)
-    assert 0.3 * len(full) < len(load_vocab(first)) < len(full)  # a sample: fewer distinct characters
+    assert 0.3 * len(full) < len(load_vocab(first.local_file())) < len(full)  # a sample: fewer distinct characters
     other = ensure_vocab(data.model_copy(update={"seed": 1}), tmp_path / "c")
     assert other.read_bytes() != first.read_bytes()
 
@@ -47,7 +47,7 @@ def test_shards_hold_every_example_once_shuffled_out_of_corpus_order(ray_cluster
     shards = prepare_shards(data, char_vocab_file, tmp_path)
     vocab = {i: t for t, i in load_vocab(char_vocab_file).items()}
     order = []
-    for path in sorted(shards.glob("shard-*.parquet")):
+    for path in shard_files(shards):
         for ids in pq.read_table(path, columns=["input_ids"]).column(0).to_pylist():
             order.append(int("".join(str(digits.index(vocab[i])) for i in ids[1:5])))
     assert sorted(order) == list(range(1500))
@@ -91,10 +91,13 @@ def test_a_corpus_on_object_storage_makes_the_same_examples_as_on_disk(ray_clust
 
     def examples(corpus, root):
         shards = prepare_shards(DataSection(corpus=corpus, **settings), char_vocab_file, root)
-        rows = [r for p in sorted(shards.glob("shard-*.parquet")) for r in pq.read_table(p).to_pylist()]
+        rows = [r for p in shard_files(shards) for r in pq.read_table(p, filesystem=shards.fs).to_pylist()]
         ready = json.loads((shards / "_READY.json").read_text())
-        return sorted(rows, key=lambda r: r["input_ids"]), {k: v for k, v in ready.items() if k != "shard_rows"}
+        counts = {k: v for k, v in ready.items() if k not in ("shard_rows", "build")}
+        return sorted(rows, key=lambda r: r["input_ids"]), counts
 
-    on_s3 = examples(f"s3://{s3_server.bucket}/corpus", tmp_path / "a")
+    # corpus and shards on S3, against both on disk
+    on_s3 = examples(f"s3://{s3_server.bucket}/corpus", f"s3://{s3_server.bucket}/{tmp_path.name}")
+
     on_disk = examples(str(tmp_path / "local"), tmp_path / "b")
     assert on_s3 == on_disk and on_s3[1]["documents"] == 300

@@ -94,5 +94,5 @@ def test_ner_job_learns_entities_and_tracks_the_run_in_mlflow(tmp_path, capsys):
     assert {a.path for a in client.list_logged_model_artifacts(output.model_id)} >= {"model.pt", "vocab.txt"}
     inputs = {({t.key: t.value for t in d.tags}["mlflow.data.context"], d.dataset.name) for d in run.inputs.dataset_inputs}
     assert inputs == {("train", "ner"), ("dev", "ner"), ("test", "ner")}
-    model, tokenizer, saved = load_finetuned(cfg.run_dir / "model")
+    model, tokenizer, saved = load_finetuned(Path(cfg.run_dir.path) / "model")
     assert saved == cfg and type(model).__name__ == "GlobalPointerNER" and len(tokenizer) <= cfg.data.vocab_size

@@ -14,6 +14,7 @@ import torch
 
 from suformer.config import load_config
 from suformer.models import from_pretrained
+from suformer.storage import Location
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, runs_r
     import mlflow.artifacts
 
     logged = Path(mlflow.artifacts.download_artifacts(model.artifact_location, dst_path=str(tmp_path / "logged")))
-    exported = {p.name: p.read_bytes() for p in (cfg.run_dir / "model").iterdir()}
+    exported = {p.name: p.read_bytes() for p in (Path(cfg.run_dir.path) / "model").iterdir()}
     assert {p.name: p.read_bytes() for p in logged.iterdir()} == exported and "config.json" in exported
     assert {"setup/deepspeed.json", "setup/vocab.txt", "setup/config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "setup")}
@@ -163,7 +164,7 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, runs_r
     assert any(k.startswith("system/") for k in metrics)
     assert metrics["data/documents"] == 600 and metrics["data/examples"] > 0
     assert str(runs_root) in client.get_experiment(run.info.experiment_id).artifact_location  # not the job's temp dir
-    model_dir = cfg.run_dir / "model"
+    model_dir = Path(cfg.run_dir.path) / "model"
     ours = from_pretrained(model_dir)
     from transformers import MT5ForConditionalGeneration
 
@@ -210,7 +211,7 @@ def _run_with_fault(cfg, fault):
     run, history = loss_history(cfg)  # one MLflow run for the name, asserted inside
     assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
     assert [s for s, _ in history] == list(range(1, 13))  # every step exactly once
-    state = json.loads((Path(result["checkpoint"]) / "train_state.json").read_text())
+    state = json.loads((Location.of(result["checkpoint"]) / "train_state.json").read_text())
     assert state["run_id"] == result["run_id"] and state["step"] == 12
     return [v for _, v in history], done[0]
 
@@ -242,10 +243,13 @@ def _worker_node_of(pid: int):
     return int(found.group(1)) if found else None
 
 
-def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, uninterrupted_losses, runs_root):
+def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, s3_server, uninterrupted_losses,
+                                                                  tmp_path):
     """A third node joins, the workers are spread over the nodes, and a node holding one of them is killed whole
     (raylet, agents, workers) mid-run: Ray marks it dead, Train restarts the group on the nodes left from the
-    last checkpoint, and the losses equal the uninterrupted run's."""
+    last checkpoint, and the losses equal the uninterrupted run's. As on a cluster without a shared filesystem,
+    the run root is on object storage (a real S3 API): vocab, shards, checkpoints, MLflow artifacts and the
+    exported model are written there, nothing to a local run folder; MLflow's database is the one local file."""
     import ray
 
     subprocess.run([str(ray_cluster.script), "add-node", "--cpus", "3"], env=ray_cluster.node_env, check=True,
@@ -260,10 +264,18 @@ def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, u
                        capture_output=True)
         return node
 
-    cfg = load_config(CONFIG, small(runs_root, "node-lost", **FAULT_RUN, placement_strategy="SPREAD"))
+    root = f"s3://{s3_server.bucket}/{tmp_path.name}"
+    cfg = load_config(CONFIG, small(root, "node-lost", **FAULT_RUN, placement_strategy="SPREAD")
+                      + [f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
     losses, _ = _run_with_fault(cfg, remove_a_worker_node)
     assert losses == pytest.approx(uninterrupted_losses, rel=1e-5)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the suite's cluster size again
+    run_root = Location.of(root)
+    written = run_root.files()
+    assert {"vocab", "data", "checkpoints", "node-lost", "mlartifacts"} <= {name.split("/")[0] for name in written}
+    assert "node-lost/model/config.json" in written and "node-lost/model/vocab.txt" in written
+    assert os.listdir(tmp_path) == ["mlflow.db"] and not Path("s3:").exists()
+
 
 
 @pytest.mark.parametrize("objective", ["mlm", "unilm"])

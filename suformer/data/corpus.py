@@ -20,7 +20,6 @@ from __future__ import annotations
 import codecs
 import fnmatch
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple, Optional
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ..config import DataSection
+from ..storage import Location
 
 PEOPLES_DAILY = "peoples_daily"
 TEXT_FORMATS = (".txt", ".jsonl")
@@ -69,12 +69,12 @@ def _kind(path: str) -> Optional[str]:
 def _filesystem(entry: str) -> tuple[pafs.FileSystem, str]:
     """A URI's filesystem (s3://, gs://, ...), else the local one; local paths never go through URI parsing, where
     a `?` in a glob would start a query."""
-    if "://" in entry:
-        try:
-            return pafs.FileSystem.from_uri(entry)
-        except (pa.ArrowInvalid, ValueError) as error:
-            raise DataError(f"data.corpus: {entry!r}: {error}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(entry))
+    try:
+        location = Location.of(entry)
+    except (pa.ArrowInvalid, ValueError) as error:
+        raise DataError(f"data.corpus: {entry!r}: {error}") from None
+    return location.fs, location.path
+
 
 
 def _file(info: pafs.FileInfo, kind: Optional[str] = None) -> CorpusFile:

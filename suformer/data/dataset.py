@@ -2,9 +2,10 @@
 
 The driver lists the corpus and checks a sample of every file (`corpus.preflight`); Ray Data tasks read the files
 (`reader.read_corpus`) and, fused with the reads, clean, count and build examples; a seeded global shuffle mixes
-them, and tasks write `shard-NNNNN.parquet` files under one directory, with a `_READY.json` marker written last
-(a directory without it is never used). The driver never holds documents: what it receives are counts, from a
-small counting actor. The rows are the objective's (`objectives/`), one per example.
+them, and tasks write `shard-*.parquet` files into a fresh build folder under the shards' directory, whose
+`_READY.json` marker, written last, names the build's files (shards without it are never used). Nothing is
+renamed, so the run root may be on object storage (`storage.Location`). The driver never holds documents: what it
+receives are counts, from a small counting actor. The rows are the objective's (`objectives/`), one per example.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import functools
 import hashlib
 import heapq
 import json
-import shutil
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ import pyarrow.fs as pafs
 
 from ..config import DataSection
 from ..ray_connect import ray_data_console_warnings_only
+from ..storage import Location
 from ..tokenizer import Tokenizer, count_vocab_tokens, load_vocab, vocab_from_counts, write_vocab
 from .corpus import Corpus, CorpusFile, DataError, preflight
 from .objectives import OBJECTIVES
@@ -60,17 +62,18 @@ def _kept_texts(batch: dict) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(vocab_path: str, pre_tokenize: Optional[str]) -> Tokenizer:
+def _tokenizer(vocab: str, pre_tokenize: Optional[str]) -> Tokenizer:
     """One tokenizer per Ray worker process, reused by every task it runs (tasks, not an actor pool: Read and
-    this map fuse into one task, and no actor holds a CPU the read and shuffle tasks wait for)."""
-    return Tokenizer(vocab_path, pre_tokenize=pre_tokenize)
+    this map fuse into one task, and no actor holds a CPU the read and shuffle tasks wait for). `vocab`: a local
+    path or URI, copied to the node once when remote."""
+    return Tokenizer(Location.of(vocab).local_file(), pre_tokenize=pre_tokenize)
 
 
-def _build_examples(batch: dict, data: DataSection, vocab_path: str, counter) -> pa.Table:
+def _build_examples(batch: dict, data: DataSection, vocab: str, counter) -> pa.Table:
     """Ray Data map_batches function: document rows -> the objective's example rows; counts go to `counter`."""
     objective = OBJECTIVES[data.objective]
     counts = _document_counts(batch)
-    columns = examples_from_documents(_kept_texts(batch), data, _tokenizer(vocab_path, objective.pre_tokenize),
+    columns = examples_from_documents(_kept_texts(batch), data, _tokenizer(vocab, objective.pre_tokenize),
                                       counts)
     counts["examples"] = len(columns["num_tokens"])
     import ray
@@ -102,17 +105,18 @@ def _raise_data_error(error: BaseException) -> None:
         seen = getattr(seen, "cause", None) or seen.__cause__
 
 
-def data_fingerprint(data: DataSection, vocab_path: Path, files: list[CorpusFile]) -> str:
+def data_fingerprint(data: DataSection, vocab: Location, files: list[CorpusFile]) -> str:
     """Same files (path, size, modification time) + same data settings + same vocab -> same shards directory, so a
     resubmitted run reuses them and an edited or added file makes new ones."""
     digest = hashlib.sha256(json.dumps(data.model_dump(), sort_keys=True).encode())
-    digest.update(vocab_path.read_bytes())
+    digest.update(vocab.read_bytes())
+
     for file in files:
         digest.update(file.identity.encode())
     return digest.hexdigest()[:16]
 
 
-def vocab_for_init(init_from: str, data_vocab: Optional[str]) -> Path:
+def vocab_for_init(init_from: str, data_vocab: Optional[str]) -> Location:
     """The vocab to train a `model.init_from` checkpoint with: its own vocab.txt unless `data.vocab` names one,
     which must then be the same file. Token ids index the model's embedding, so any other vocab is an error."""
     source = Path(init_from).expanduser()
@@ -121,12 +125,12 @@ def vocab_for_init(init_from: str, data_vocab: Optional[str]) -> Path:
     except (OSError, ValueError, KeyError):
         raise DataError(f"model.init_from: {source} is not a save_pretrained directory "
                         "(no readable config.json with vocab_size)") from None
-    own = source / "vocab.txt"
-    vocab = Path(data_vocab).expanduser() if data_vocab else own
+    own = Location.of(source / "vocab.txt")
+    vocab = _vocab_location(data_vocab) if data_vocab else own
     if not vocab.is_file():
         hint = "" if data_vocab else " (set data.vocab to the vocab the model was trained with)"
         raise DataError(f"data.vocab: {vocab} not found{hint}")
-    tokens = len(load_vocab(check_vocab(str(vocab), "pegasus")))  # the objective is checked with the config
+    tokens = len(load_vocab(check_vocab(vocab, "pegasus").local_file()))  # the objective is checked with the config
     if tokens != size:
         raise DataError(f"data.vocab: {vocab} has {tokens} tokens, model.init_from {source} has vocab_size {size}")
     if own.is_file() and vocab != own and own.read_bytes() != vocab.read_bytes():
@@ -135,13 +139,20 @@ def vocab_for_init(init_from: str, data_vocab: Optional[str]) -> Path:
     return vocab
 
 
-def check_vocab(path: str, objective: str) -> Path:
-    """A `data.vocab` file the tokenizer can use, or a DataError naming what is wrong with it."""
-    vocab = Path(path).expanduser()
+def _vocab_location(path) -> Location:
+    try:
+        return Location.of(path)
+    except (OSError, ValueError) as error:
+        raise DataError(f"data.vocab: {path!r}: {error}") from None
+
+
+def check_vocab(path, objective: str) -> Location:
+    """A `data.vocab` file (local or a URI) the tokenizer can use, or a DataError naming what is wrong with it."""
+    vocab = _vocab_location(path)
     if not vocab.is_file():
         raise DataError(f"data.vocab: {vocab} " + ("is a directory" if vocab.is_dir() else "not found"))
     try:
-        tokens = load_vocab(vocab)
+        tokens = load_vocab(vocab.local_file())
     except UnicodeDecodeError:
         raise DataError(f"data.vocab: {vocab} is not a UTF-8 text file (one token per line)") from None
     except ValueError as error:
@@ -151,10 +162,10 @@ def check_vocab(path: str, objective: str) -> Path:
     return vocab
 
 
-def ensure_vocab(data: DataSection, root: Path, init_from: Optional[str] = None, corpus=None) -> Path:
+def ensure_vocab(data: DataSection, root, init_from: Optional[str] = None, corpus=None) -> Location:
     """The configured vocab (checked against `init_from`'s), or one counted from a sample of the corpus on the
-    cluster (jieba words + characters for PEGASUS, characters for MLM/UniLM) and cached under `root`/vocab.
-    `corpus` is `corpus.preflight`'s result, when the caller has it."""
+    cluster (jieba words + characters for PEGASUS, characters for MLM/UniLM) and cached under `root`/vocab (a
+    local path or URI). `corpus` is `corpus.preflight`'s result, when the caller has it."""
     if init_from:
         return vocab_for_init(init_from, data.vocab)
     if data.vocab:
@@ -165,16 +176,13 @@ def ensure_vocab(data: DataSection, root: Path, init_from: Optional[str] = None,
     key = hashlib.sha256(json.dumps([data.vocab_size, words, data.vocab_sample_mb, data.seed,
                                      data.max_documents, data.txt_documents, data.text_key, data.encoding,
                                      data.max_document_chars] + [f.identity for f in chosen]).encode())
-    path = root / "vocab" / key.hexdigest()[:16] / "vocab.txt"
-    if path.exists():
+    path = Location.of(root) / "vocab" / key.hexdigest()[:16] / "vocab.txt"
+    if path.is_file():
         return path
     chars, multi = _count_tokens(data, fs, chosen, keep_rate, words)
     if not chars:
         raise DataError(f"data.corpus: {data.corpus!r} holds no non-empty document")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    write_vocab(vocab_from_counts(chars, multi, data.vocab_size), tmp)
-    tmp.replace(path)
+    write_vocab(vocab_from_counts(chars, multi, data.vocab_size), path)  # whole or not at all
     return path
 
 
@@ -273,88 +281,92 @@ def _no_examples_message(data: DataSection, documents: int, files: list[CorpusFi
             f"{OBJECTIVES[data.objective].no_example_reason(data)}.{hint}")
 
 
-def prepare_shards(data: DataSection, vocab_path: Path, root: Path, corpus=None) -> Path:
-    """Build (or reuse) the shuffled Parquet shards for `data` on the cluster; returns their directory.
-    `corpus` is `corpus.preflight`'s result, when the caller has it."""
+def prepare_shards(data: DataSection, vocab, root, corpus=None) -> Location:
+    """Build (or reuse) the shuffled Parquet shards for `data` on the cluster; returns their directory, under
+    `root` (a local path or URI). `corpus` is `corpus.preflight`'s result, when the caller has it."""
     import ray
+    from ray.data import SaveMode
 
-    from .reader import read_corpus
+    from .reader import ShardNames, read_corpus
 
     fs, files, _ = corpus or preflight(data)
-    out = root / "data" / data_fingerprint(data, vocab_path, files)
-    if (out / READY).exists():
+    vocab = Location.of(vocab)
+    out = Location.of(root) / "data" / data_fingerprint(data, vocab, files)
+    ready = out / READY
+    if ready.is_file():
         problem = _shards_problem(out)
         if problem is None:
             return out
-        # Keep the damaged copy for inspection (nothing written is deleted) and build the shards again.
-        aside = out.with_name(f"{out.name}.damaged-{int(time.time())}")
-        out.rename(aside)
-        print(f"[suformer] data: {problem}; moved to {aside} and rebuilding", flush=True)
+        # The damaged build stays for inspection (nothing written is deleted); a new build replaces it.
+        print(f"[suformer] data: {problem}; rebuilding", flush=True)
+    kept = json.loads(ready.read_text())["build"] if ready.is_file() else None
+    for leftover in out.folders():  # builds of an interrupted attempt: never named by a marker
+        if leftover.name.startswith("build-") and leftover.name != kept:
+            leftover.delete()
     ray_data_console_warnings_only()
     size = sum(f.size for f in files)
     print(f"[suformer] data: making examples from {len(files)} corpus files ({size / 2**20:,.1f} MiB) with Ray Data "
           "(log: the Ray session's logs/ray-data)", flush=True)
-    staging = out.with_name(out.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted attempt
+    build = out / f"build-{time.time_ns()}"
     counter = ray.remote(num_cpus=0)(_Counts).remote()
     documents = read_corpus(data, fs, files)
     if data.max_documents:
         documents = documents.limit(data.max_documents)
     examples = documents.map_batches(
-        _build_examples, fn_kwargs=dict(data=data, vocab_path=str(vocab_path), counter=counter),
-        batch_size=64,
+        _build_examples, fn_kwargs=dict(data=data, vocab=vocab.uri, counter=counter), batch_size=64,
     )
     try:
         # A seeded global shuffle: no worker trains in corpus order. The shards, once written, fix the order for
         # every epoch and resume.
         examples.random_shuffle(seed=data.seed).write_parquet(
-            str(staging), min_rows_per_file=data.rows_per_shard // 2, max_rows_per_file=data.rows_per_shard,
-            row_group_size=256)
+            build.path, filesystem=build.fs, filename_provider=ShardNames(), mode=SaveMode.CREATE,  # a fresh folder
+            min_rows_per_file=data.rows_per_shard // 2, max_rows_per_file=data.rows_per_shard, row_group_size=256)
     except Exception as error:
         _raise_data_error(error)
         raise
     counts = Counter(ray.get(counter.get.remote()))
     ray.kill(counter)
     if not counts["examples"]:
-        shutil.rmtree(staging, ignore_errors=True)
+        build.delete()
         raise DataError(_no_examples_message(data, counts["documents"], files, "read")
                         if counts["documents"] else f"data.corpus: {data.corpus!r} holds no non-empty document "
                         f"({dict(counts)})")
-    files_written = sorted(staging.glob("*.parquet"))
-    shard_rows = {}
-    for i, f in enumerate(files_written):
-        shard = f.rename(staging / f"shard-{i:05d}.parquet")
-        shard_rows[shard.name] = _check_parquet(shard)
-    (staging / READY).write_text(json.dumps({**counts, "shards": len(files_written), "shard_rows": shard_rows}))
-    staging.rename(out)
+    names = sorted(build.files(), key=lambda name: [int(n) for n in re.findall(r"\d+", name)])
+    shard_rows = {f"{build.name}/{name}": _check_parquet(build / name) for name in names}
+    ready.write_text(json.dumps({**counts, "shards": len(names), "build": build.name, "shard_rows": shard_rows}))
     return out
 
 
-def _check_parquet(path: Path) -> int:
+def _check_parquet(file: Location) -> int:
     """Rows of a readable Parquet file, else a DataError naming it (read from the footer: cheap)."""
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path).metadata.num_rows
+        with file.fs.open_input_file(file.path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
     except (OSError, pa.ArrowException) as error:
-        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+        raise DataError(f"{file}: not a readable Parquet file ({error})") from None
 
 
-def _shards_problem(directory: Path) -> Optional[str]:
+def _shards_problem(directory: Location) -> Optional[str]:
     """Why a finished shard directory cannot be trained on (a missing, unreadable or short shard), else None."""
+    directory = Location.of(directory)
     ready = json.loads((directory / READY).read_text())
-    for name, rows in ready.get("shard_rows", {}).items():
-        path = directory / name
-        if not path.exists():
-            return f"{path} is missing"
+    present = directory.files()
+    for name, rows in ready["shard_rows"].items():
+        if name not in present:
+            return f"{directory / name} is missing"
         try:
-            found = _check_parquet(path)
+            found = _check_parquet(directory / name)
         except DataError as error:
             return str(error)
         if found != rows:
-            return f"{path} has {found} rows, {rows} were written"
+            return f"{directory / name} has {found} rows, {rows} were written"
     return None
 
 
-def shard_files(directory: Path) -> list[str]:
-    return [str(p) for p in sorted(Path(directory).glob("shard-*.parquet"))]
+def shard_files(directory) -> list[str]:
+    """The shard files a ready shards directory names, in order, as its filesystem names them."""
+    directory = Location.of(directory)
+    return [(directory / name).path for name in json.loads((directory / READY).read_text())["shard_rows"]]
+

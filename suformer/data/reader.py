@@ -1,4 +1,5 @@
-"""The corpus reader Ray Data runs on the cluster: a file datasource over `corpus.file_documents`.
+"""Ray Data glue of the data stage: the corpus reader (a file datasource over `corpus.file_documents`) and the
+shards' file names.
 
 Kept apart from `corpus` because importing Ray reads its settings (token auth) once: the jobs' preflight imports
 `corpus` before they have set them.
@@ -10,7 +11,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import FileBasedDatasource, FilenameProvider
 
 from ..config import DataSection
 from .corpus import DOCUMENT_SCHEMA, ROWS_PER_BLOCK, CorpusFile, file_documents
@@ -21,7 +22,15 @@ def read_corpus(data: DataSection, fs: pafs.FileSystem, files: list[CorpusFile])
     return ray.data.read_datasource(_CorpusDatasource(data, fs, files))
 
 
+class ShardNames(FilenameProvider):
+    """`shard-<write task>-<file of the task>.parquet`: names that sort in the written (shuffled) order."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"shard-{task_index:05d}-{{i}}.parquet"
+
+
 class _CorpusDatasource(FileBasedDatasource):
+
     """Ray Data's file reader with our formats: streams each file in 4 MiB chunks (Ray's read_text reads a whole
     file into memory and decodes it strictly) and keeps the cleaning rules and the per-document counts."""
 

@@ -14,19 +14,18 @@ import json
 import math
 import random
 import re
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
 from ..config import PretrainConfig
 from ..models import build_model, from_pretrained
+from ..storage import Location
 from .batches import StreamPosition, micro_batches
 from .deepspeed_config import deepspeed_config
 from .jit_ops import load_deepspeed_ops, ops_for
@@ -93,49 +92,56 @@ def _write_manifest(directory: Path, rank: int) -> None:
     (directory / f"manifest_rank{rank}.json").write_text(json.dumps(files))
 
 
-def _read_json(path: Path) -> dict | str:
+def _read_json(directory: Location, name: str, present: dict[str, int]) -> dict | str:
     """A checkpoint's JSON file, or why it cannot be read. Another rank's part of the newest checkpoint may still
     be on its way into the folder when rank 0 looks (it prunes right after its own report), so an empty or cut
     file is a checkpoint that is not complete yet, not an error."""
-    if not path.is_file():
-        return f"{path.name} is missing"
     try:
-        return json.loads(path.read_text())
+        if name in present:
+            return json.loads((directory / name).read_text())
+    except FileNotFoundError:
+        pass  # deleted since the listing
     except ValueError:  # UnicodeDecodeError is a ValueError too
-        return f"{path.name} is incomplete"
+        return f"{name} is incomplete"
+    return f"{name} is missing"
 
 
-def checkpoint_problem(directory: Path) -> str | None:
-    """Why a checkpoint directory cannot be resumed from (a missing or truncated file), or None if it is complete."""
-    state = _read_json(directory / "train_state.json")
+def checkpoint_problem(directory) -> str | None:
+    """Why a checkpoint folder (a local path or URI) cannot be resumed from (a missing or truncated file), or None
+    if it is complete. One listing gives every file's size, so a checkpoint on object storage costs one request
+    plus the JSON files."""
+    directory = Location.of(directory)
+    present = directory.files()
+    state = _read_json(directory, "train_state.json", present)
     if isinstance(state, str):
         return state
     for rank in range(state["world_size"]):
-        files = _read_json(directory / f"manifest_rank{rank}.json")
+        files = _read_json(directory, f"manifest_rank{rank}.json", present)
         if isinstance(files, str):
             return files
         for name, size in files.items():
-            path = directory / name
-            if not path.is_file():
+            if name not in present:
                 return f"{name} is missing"
-            if path.stat().st_size != size:
-                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+            if present[name] != size:
+                return f"{name} has {present[name]} bytes, {size} were written"
     return None
 
 
-def _checkpoints_newest_first(run_storage: Path) -> list[Path]:
+def _checkpoints_newest_first(run_storage: Location) -> list[Location]:
     """Every checkpoint folder the run has written, newest first, whether Ray Train registered it or not: a job
     driver killed between the workers writing a checkpoint and Ray Train's controller recording it (it polls the
-    workers) leaves that checkpoint on disk but not in Ray Train's snapshot, and a resubmission would start over."""
-    return sorted((p for p in run_storage.glob("step-*") if p.is_dir()), reverse=True)
+    workers) leaves that checkpoint in storage but not in Ray Train's snapshot, and a resubmission would start
+    over."""
+    return [f for f in reversed(run_storage.folders()) if f.name.startswith("step-")]
 
 
-def prune_unregistered_checkpoints(run_storage: Path, keep: int) -> list[Path]:
+def prune_unregistered_checkpoints(run_storage, keep: int) -> list[Location]:
     """Delete the checkpoint folders Ray Train will never know of (left by a killed driver) that `keep` newer
     complete folders make useless; returns them. The ones Ray Train registered it prunes itself, and must be left
     to: it fails on a registered folder that is gone. Ray Train registers reports in order and names each folder
     in its checkpoint-manager snapshot, so an unnamed folder older than a named one will never be registered;
-    newer ones may still be on their way and stay."""
+    newer ones may still be on their way and stay. `run_storage`: a local path or URI."""
+    run_storage = Location.of(run_storage)
     snapshot = run_storage / "checkpoint_manager_snapshot.json"
     registered = set(re.findall(r"step-\d{8}", snapshot.read_text())) if snapshot.is_file() else set()
     folders = _checkpoints_newest_first(run_storage)
@@ -145,23 +151,35 @@ def prune_unregistered_checkpoints(run_storage: Path, keep: int) -> list[Path]:
     oldest_kept, newest_registered = kept[-1].name, max(registered)
     pruned = [d for d in folders if d.name not in registered and d.name < min(oldest_kept, newest_registered)]
     for folder in pruned:
-        shutil.rmtree(folder, ignore_errors=True)
+        folder.delete()
     return pruned
 
 
-def _restore(engine, directory: Path, rank: int, world: int, files: list[str], fs) -> tuple[dict, StreamPosition]:
-    """Load a complete checkpoint into the engine and this rank's RNGs; returns (train state, data position)."""
-    engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+def _this_ranks_part(rank: int):
+    """Which of a checkpoint's files rank `rank` needs: all but the other ranks' ZeRO partitions."""
+    def wanted(name: str) -> bool:
+        found = re.search(r"zero_pp_rank_(\d+)_", name)
+        return found is None or int(found.group(1)) == rank
+    return wanted
+
+
+def _restore(engine, directory: Location, rank: int, world: int, files: list[str],
+             fs) -> tuple[dict, StreamPosition]:
+    """Load a complete checkpoint into the engine and this rank's RNGs; returns (train state, data position). A
+    checkpoint on object storage is first copied to a local temp folder, this rank's part only."""
     state = json.loads((directory / "train_state.json").read_text())
     if state["world_size"] != world:
         raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has {world}: "
                            "a ZeRO checkpoint resumes at the same world size")
-    _set_rng_state(torch.load(directory / f"rng_rank{rank}.pt", weights_only=False))
-    position = StreamPosition.saved(json.loads((directory / f"position_rank{rank}.json").read_text()), files, fs)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(directory.path) if directory.is_local else directory.download(tmp, _this_ranks_part(rank))
+        engine.load_checkpoint(local, tag=CHECKPOINT_TAG)
+        _set_rng_state(torch.load(local / f"rng_rank{rank}.pt", weights_only=False))
+        position = StreamPosition.saved(json.loads((local / f"position_rank{rank}.json").read_text()), files, fs)
     return state, position
 
 
-def _resume(engine, checkpoints: list[Path], rank: int, world: int, files: list[str],
+def _resume(engine, checkpoints: list[Location], rank: int, world: int, files: list[str],
             fs) -> tuple[dict, StreamPosition, dict]:
     """Restore the newest complete checkpoint, skipping damaged ones; returns (train state, position, MLflow tags)."""
     skipped = []
@@ -243,9 +261,11 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(t))
     device = engine.device
-    files, fs = config["shard_files"][rank::world], pafs.LocalFileSystem()  # the shards were shuffled when written
+    # The shards were shuffled when written; a worker reads every world-th one.
+    files, fs = config["shard_files"][rank::world], Location.of(config["shards"]).fs
     step, position, nonfinite_skipped = 0, StreamPosition(), 0
-    checkpoints = _checkpoints_newest_first(Path(config["checkpoints"]))
+    run_storage = Location.of(config["checkpoints"])
+    checkpoints = _checkpoints_newest_first(run_storage)
     resumed_from = {}
     if checkpoints:
         state, position, resumed_from = _resume(engine, checkpoints, rank, world, files, fs)
@@ -339,7 +359,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{step:08d}")
             if rank == 0:
-                prune_unregistered_checkpoints(Path(config["checkpoints"]), t.keep_checkpoints)
+                prune_unregistered_checkpoints(run_storage, t.keep_checkpoints)
     if logger:
         if stopped:  # the driver reads this tag after fit(); no checkpoint is written, the latest is the last good one
             _say(f"stopping: {stopped}; the latest checkpoint is the last good state")

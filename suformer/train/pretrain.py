@@ -1,7 +1,9 @@
 """Pretraining driver: config -> vocab + Parquet shards (Ray Data) -> TorchTrainer (DeepSpeed workers) -> export.
 
 The driver owns the MLflow run (found again by run name when a job is resubmitted) and the final export; the
-workers (`loop.train_loop_per_worker`) train and checkpoint into Ray Train storage under the run root.
+workers (`loop.train_loop_per_worker`) train and checkpoint into Ray Train storage under the run root. The run root
+is a local or shared folder or an object-store prefix (`storage.Location`): vocab, shards, checkpoints and the
+exported model all go through it, so the nodes need no shared filesystem.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from ..data.corpus import DataError, preflight
 from ..data.dataset import READY, ensure_vocab, prepare_shards, shard_files
 from ..data.objectives import OBJECTIVES
 from ..ray_connect import connect_or_start
+from ..storage import Location
+
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config
 from .loop import CHECKPOINT_TAG, STOPPED_TAG, build, train_loop_per_worker
@@ -47,7 +51,7 @@ def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> 
     return out_dir
 
 
-def _samples(cfg: PretrainConfig, model_dir: Path, shards: Path, count: int) -> str:
+def _samples(cfg: PretrainConfig, model_dir: Path, shards: Location, count: int) -> str:
     """A few generations (T5) or MLM predictions (RoFormerV2) of the exported model on the first examples."""
     import pyarrow.parquet as pq
     import torch
@@ -57,7 +61,7 @@ def _samples(cfg: PretrainConfig, model_dir: Path, shards: Path, count: int) -> 
 
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = from_pretrained(model_dir)
-    rows = pq.read_table(shard_files(shards)[0]).slice(0, count).to_pylist()
+    rows = pq.read_table(shard_files(shards)[0], filesystem=shards.fs).slice(0, count).to_pylist()
     lines = []
     for row in rows:
         batch = collate(cfg.data.objective, [row])
@@ -81,15 +85,13 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
     `corpus.preflight(cfg.data)`, made before anything started (made here when not given)."""
     from .. import tracking
 
-    root = Path(cfg.run.root).expanduser().resolve()
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    root = Location.of(cfg.run.root)
     # A local instance gets logical CPUs for the workers plus their Ray Data readers.
     connect_or_start(num_cpus=int(max(os.cpu_count() or 1, cfg.train.num_workers * cfg.train.cpus_per_worker + 2)))
 
     corpus = corpus or preflight(cfg.data)
     vocab = ensure_vocab(cfg.data, root, cfg.model.init_from, corpus)
-    tokenizer = Tokenizer(vocab, pre_tokenize=OBJECTIVES[cfg.data.objective].pre_tokenize)
+    tokenizer = Tokenizer(vocab.local_file(), pre_tokenize=OBJECTIVES[cfg.data.objective].pre_tokenize)
     shards = prepare_shards(cfg.data, vocab, root, corpus)
     files = shard_files(shards)
     stats = json.loads((shards / READY).read_text())
@@ -105,13 +107,13 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
     uri = cfg.tracking_uri
     run_id, resumed = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, run_root=root,
                                         tags={"model.family": cfg.model.family, "data.objective": cfg.data.objective})
-    tracking.log_params(uri, run_id, {k: v for k, v in {**cfg.flat(), "data.shards": str(shards),
+    tracking.log_params(uri, run_id, {k: v for k, v in {**cfg.flat(), "data.shards": shards.uri,
                                                          "data.examples": stats["examples"]}.items()},
                         mutable=RESUBMIT_MUTABLE)
     # Documents, examples and what the data stage skipped or repaired (empty, over-long, NUL, invalid UTF-8).
     tracking.log_counts(uri, run_id, {k: v for k, v in stats.items() if isinstance(v, int)}, prefix="data/")
     # The shards as the run's dataset: their folder's name is the fingerprint of what made them.
-    tracking.log_dataset(uri, run_id, name=cfg.data.corpus, source=str(shards), digest=shards.name, context="train")
+    tracking.log_dataset(uri, run_id, name=cfg.data.corpus, source=shards.uri, digest=shards.name, context="train")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "deepspeed.json").write_text(json.dumps(deepspeed_config(cfg.train), indent=2))
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
@@ -125,13 +127,13 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_id": run_id, "tracking_uri": uri,
-                           "vocab_size": len(tokenizer), "checkpoints": str(storage / cfg.run.name),
-                           "shard_files": files},
+                           "vocab_size": len(tokenizer), "checkpoints": (storage / cfg.run.name).uri,
+                           "shards": shards.uri, "shard_files": files},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=str(storage),
+            name=cfg.run.name, storage_path=storage.path, storage_filesystem=None if storage.is_local else storage.fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
@@ -144,15 +146,19 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
     stopped = tracking.run_tags(uri, run_id).get(STOPPED_TAG)
     if stopped:
         tracking.finish_run(uri, run_id, "FAILED")
-        latest = result.checkpoint.path if result.checkpoint else "none yet"
+        latest = Location(storage.fs, result.checkpoint.path).uri if result.checkpoint else "none yet"
         raise TrainingStopped(f"training stopped: {stopped}. Last good checkpoint: {latest}. Resubmitting the same "
                               "run.name resumes from it (--set train.nonfinite_loss=skip to skip the bad batches)")
-    model_dir = _export(result.checkpoint, cfg, len(tokenizer), run_dir / "model")
-    tokenizer.save_pretrained(model_dir)
-    tracking.log_model(uri, run_id, str(model_dir), name=cfg.run.name, step=cfg.train.max_steps,
-                       model_type=cfg.model.family)
-    if cfg.train.samples_to_log:
-        tracking.log_text(uri, run_id, _samples(cfg, model_dir, shards, cfg.train.samples_to_log), "samples.txt")
+    model_dir = cfg.run_dir / "model"
+    with tempfile.TemporaryDirectory() as tmp:  # made here, then copied to the run root (maybe object storage)
+        exported = _export(result.checkpoint, cfg, len(tokenizer), Path(tmp) / "model")
+        tokenizer.save_pretrained(exported)
+        tracking.log_model(uri, run_id, str(exported), name=cfg.run.name, step=cfg.train.max_steps,
+                           model_type=cfg.model.family)
+        if cfg.train.samples_to_log:
+            tracking.log_text(uri, run_id, _samples(cfg, exported, shards, cfg.train.samples_to_log), "samples.txt")
+        model_dir.upload(exported)
     tracking.finish_run(uri, run_id)
-    return {"run_id": run_id, "model_dir": str(model_dir), "tracking_uri": uri,
-            "checkpoint": result.checkpoint.path, "experiment": cfg.run.experiment}
+    return {"run_id": run_id, "model_dir": model_dir.uri, "tracking_uri": uri,
+            "checkpoint": Location(storage.fs, result.checkpoint.path).uri,
+            "experiment": cfg.run.experiment}
