@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from suformer.config import load_config
+from suformer.data.dataset import shard_files
 from suformer.models import from_pretrained
 from suformer.storage import Location
 
@@ -373,7 +374,7 @@ def _model_with_a_damaged_token(zero_runs, out_dir):
 
     cfg, result = zero_runs[0]
     run = MlflowClient(cfg.tracking_uri).get_run(result["run_id"])
-    files = sorted(Path(run.data.params["data.shards"]).glob("*.parquet"))
+    files = shard_files(run.data.params["data.shards"])  # worker r reads files[r::workers]
     rows = [set(r["input_ids"]) | set(r["target_ids"]) for f in files for r in pq.read_table(f).to_pylist()]
     first_batches = set().union(*(set(r["input_ids"]) | set(r["target_ids"])
                                   for f in files[:2] for r in pq.read_table(f).slice(0, 4).to_pylist()))
