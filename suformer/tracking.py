@@ -146,14 +146,22 @@ def log_dataset(tracking_uri: str, run_id: str, name: str, source: str, digest: 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     with warnings.catch_warnings():  # MLflow registers its local-file source twice ("" and "file") and says so
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
         resolved = resolve_dataset_source(source)
     dataset = MetaDataset(resolved, name=name, digest=digest[:36])
-    _client(tracking_uri).log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+    client = _client(tracking_uri)
+    try:
+        client.log_inputs(run_id, inputs)
+    except MlflowException:
+        # MLflow's stores look the dataset up and insert it when missing, unguarded: runs logging the same new
+        # dataset at once (a sweep's trials) collide on its unique key; the whole call was rolled back, and the
+        # second try finds the dataset the winner inserted
+        client.log_inputs(run_id, inputs)
 
 
 def log_model(tracking_uri: str, run_id: str, local_dir: str, name: str, step: int, model_type: str) -> str:
