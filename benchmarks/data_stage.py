@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,14 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
             written += len(block)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started: VmHWM, the high-water mark of its own address space.
+    (Not getrusage's ru_maxrss: Linux carries that over an exec from the forked copy of the parent, so a driver
+    started by a big parent reported the parent's size.)"""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
 def driver(args) -> None:
     """One measurement, in its own process: prints a JSON line."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -63,7 +70,7 @@ def driver(args) -> None:
         with open(files[0].path, encoding="utf-8", errors="replace") as f:
             documents = [d for d in f.read().split("\n\n") if d.strip()]
         print(json.dumps({"seconds": time.perf_counter() - start, "documents": len(documents),
-                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                          "peak_rss_mb": peak_rss_mb()}))
         return
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     corpus = preflight(data)
@@ -76,7 +83,7 @@ def driver(args) -> None:
     tokens = sum(pq.read_table(p, columns=["num_tokens"]).column(0).to_numpy().sum()
                  for p in shard_files(shards))
     print(json.dumps({"seconds": seconds, "documents": ready["documents"], "examples": ready["examples"],
-                      "tokens": int(tokens), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "tokens": int(tokens), "peak_rss_mb": peak_rss_mb()}))
     ray.shutdown()
 
 

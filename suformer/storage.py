@@ -84,7 +84,7 @@ class Location:
     def write_bytes(self, data: bytes) -> None:
         """Whole or not at all: an object is one PUT; a local file is written beside and moved into place."""
         self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-        target = self.path + ".partial" if self.is_local else self.path
+        target = f"{self.path}.{os.getpid()}.partial" if self.is_local else self.path
         with self.fs.open_output_stream(target) as f:
             f.write(data)
         if self.is_local:
