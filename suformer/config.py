@@ -124,11 +124,12 @@ class RunSection(_Strict):
 
 # Settings a resubmitted run may change: they do not alter what was trained so far. (The NaN policy among them:
 # a run stopped by a non-finite loss can be resubmitted with train.nonfinite_loss=skip to get past it; the shard
-# location follows run.root.)
+# location follows run.root; the number of workers too, e.g. after a node is lost: its checkpoint is loaded as a
+# DeepSpeed universal checkpoint, and grad_accum can keep the global batch, micro_batch_size x grad_accum x workers.)
 RESUBMIT_MUTABLE = frozenset({
     "train.max_steps", "train.max_failures", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.samples_to_log", "train.nonfinite_loss", "train.max_nonfinite_skips",
-    "run.root", "run.tracking_uri", "data.shards",
+    "train.samples_to_log", "train.nonfinite_loss", "train.max_nonfinite_skips", "train.num_workers",
+    "train.grad_accum", "run.root", "run.tracking_uri", "data.shards",
 })
 
 
@@ -274,7 +275,7 @@ class FinetuneConfig(_Job):
             raise ValueError(f"data.task {task!r} fine-tunes {TASK_FAMILY[task]}, not model.family "
                              f"{self.model.family!r}")
         if self.model.init_from:
-            folder = Path(self.model.init_from).expanduser()
+            folder = Location.of(self.model.init_from)
             missing = [f for f in ("config.json", "vocab.txt") if not (folder / f).is_file()]
             if missing:
                 raise ValueError(f"model.init_from {self.model.init_from!r} has no {' or '.join(missing)}: point it "

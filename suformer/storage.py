@@ -9,8 +9,10 @@ endpoints come from the usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +127,24 @@ class Location:
                 pafs.copy_files(posixpath.join(self.path, name), str(target), source_filesystem=self.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
         return Path(local_dir)
+
+    def local_folder(self) -> Path:
+        """This folder as a local path: itself when local, else a copy cached in the temp dir under its identity
+        (URI, file names and sizes), so each process of a node downloads a changed folder once."""
+        if self.is_local:
+            return Path(self.path)
+        files = self.files()
+        if not files:
+            raise FileNotFoundError(self.uri)
+        key = hashlib.sha256(json.dumps([self.uri, sorted(files.items())]).encode()).hexdigest()[:16]
+        cached = Path(tempfile.gettempdir()) / "suformer-files" / key / self.name
+        if not cached.is_dir():
+            partial = self.download(cached.with_name(f"{cached.name}.{os.getpid()}.partial"))
+            try:
+                os.replace(partial, cached)
+            except OSError:  # another process of the node made it first
+                shutil.rmtree(partial, ignore_errors=True)
+        return cached
 
     def local_file(self) -> Path:
         """This file as a local path: itself when local, else a copy cached in the temp dir under its identity

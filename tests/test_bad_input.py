@@ -85,6 +85,33 @@ def test_init_from_uses_its_own_vocab_and_rejects_any_other(tmp_path):
         vocab_for_init(str(tmp_path), None)
 
 
+def test_init_from_on_object_storage_gives_the_same_model_and_vocab(s3_server, tmp_path, char_vocab_file):
+    """A save_pretrained folder on S3 as `model.init_from`: the vocab is its own vocab.txt there, and the model a
+    worker builds from it equals the one built from the local folder it was uploaded from."""
+    import torch
+
+    from suformer.config import PretrainConfig
+    from suformer.data.dataset import vocab_for_init
+    from suformer.models import build_model, from_pretrained
+    from suformer.storage import Location
+    from suformer.train.loop import build
+
+    vocab = char_vocab_file.read_text(encoding="utf-8")
+    model = build_model("roformer_v2", "tiny", vocab_size=len(vocab.splitlines()))
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "vocab.txt").write_text(vocab, encoding="utf-8")
+    remote = Location.of(f"s3://{s3_server.bucket}/init-from-{os.getpid()}/model")
+    remote.upload(tmp_path / "model")
+
+    assert vocab_for_init(remote.uri, None) == remote / "vocab.txt"
+    cfg = PretrainConfig.model_validate({"model": {"family": "roformer_v2", "init_from": remote.uri},
+                                         "data": {"objective": "mlm"}})
+    built, local = build(cfg, model.config.vocab_size).state_dict(), from_pretrained(tmp_path / "model").state_dict()
+    assert built.keys() == local.keys() and all(torch.equal(built[k], local[k]) for k in local)
+    with pytest.raises(DataError, match="is not a save_pretrained directory"):
+        vocab_for_init(f"s3://{s3_server.bucket}/init-from-{os.getpid()}/nothing-here", None)
+
+
 def test_init_from_vocab_mismatch_exits_2_before_anything_starts(tmp_path, capsys):
     model = _checkpoint_dir(tmp_path / "model", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     other = tmp_path / "vocab.txt"

@@ -302,7 +302,8 @@ def test_roformer_v2_objectives_train_and_export(ray_cluster, tmp_path, objectiv
 def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
     """A finished run extended with more steps continues from its last checkpoint, in the same MLflow run; also
     when Ray Train never registered that checkpoint (a driver killed between the workers writing it and the
-    controller recording it leaves no snapshot naming it)."""
+    controller recording it leaves no snapshot naming it), and with fewer workers than wrote it (ZeRO-2 state
+    loaded through a universal checkpoint: tests/test_resharding.py compares that state)."""
     from suformer.train.pretrain import run_pretraining
 
     cfg, first = zero_runs[2]
@@ -316,13 +317,24 @@ def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
         assert Path(again["checkpoint"]).name == f"step-{steps:08d}"
         (Path(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json").unlink()
 
+    # A node lost and not replaced: the run goes on with one worker, the global batch kept by grad_accum.
+    fewer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10, "num_workers": 1,
+                                                                         "grad_accum": 2})})
+    again = run_pretraining(fewer)
+    run, history = loss_history(fewer)
+    assert again["run_id"] == first["run_id"]
+    assert run.data.tags["suformer.resumed_from"] == "step-00000008"
+    assert run.data.tags["suformer.resharded"] == "2 -> 1 workers"
+    assert [s for s, _ in history] == list(range(1, 11))
+    assert json.loads((Path(again["checkpoint"]) / "train_state.json").read_text())["world_size"] == 1
+
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(uninterrupted):
     """A checkpoint truncated after it was written (a lost copy, a full disk) is recognised on resume from its
     manifest: resubmitting the finished uninterrupted run, whose newest checkpoint (step 12) is now damaged, trains
     steps 9-12 again from the previous complete one (step 8), ends with the same weights as before and writes a
     complete step-12 checkpoint in place of the damaged one."""
-    from suformer.train.loop import checkpoint_problem
+    from suformer.train.run_checkpoints import checkpoint_problem
     from suformer.train.pretrain import run_pretraining
 
     cfg, first, _ = uninterrupted
@@ -344,13 +356,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(unint
 
 
 def test_checkpoint_problem_names_the_damage(tmp_path):
-    from suformer.train.loop import _write_manifest, checkpoint_problem
+    from suformer.train.run_checkpoints import checkpoint_problem, write_manifest
 
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "shard.pt").write_bytes(b"x" * 100)
     (tmp_path / "train_state.json").write_text(json.dumps({"step": 2, "world_size": 1}))
     assert checkpoint_problem(tmp_path) == "manifest_rank0.json is missing"
-    _write_manifest(tmp_path, 0)
+    write_manifest(tmp_path, 0)
     assert checkpoint_problem(tmp_path) is None
     (tmp_path / "state" / "shard.pt").write_bytes(b"x" * 60)
     assert checkpoint_problem(tmp_path) == "state/shard.pt has 60 bytes, 100 were written"

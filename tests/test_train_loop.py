@@ -7,9 +7,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
 import torch
 
-from suformer.train.batches import StreamPosition, collate, micro_batches
+from suformer.train.batches import StreamPosition, collate, micro_batches, redeal
 from suformer.train.loop import step_sums
 
 
@@ -43,50 +44,47 @@ def _shards(tmp_path, sizes):
     return files
 
 
-def _stream(files, position, count, micro=4):
-    stream = micro_batches(files, "pegasus", micro, None, position)
+def _stream(files, position, count, micro=4, rank=0, world=1):
+    stream = micro_batches(files, rank, world, "pegasus", micro, None, position)
     return [next(stream) for _ in range(count)]
 
 
-def test_micro_batches_cycle_epochs_in_order_and_resume_mid_epoch(tmp_path):
-    files = _shards(tmp_path, [10, 7])  # 17 rows an epoch: 4 full micro-batches and one of a single row
-    got = _stream(files, StreamPosition(), 12)
-
-    rows = pq.read_table(files[0]).to_pylist() + pq.read_table(files[1]).to_pylist()
-    expected = []
-    for epoch in range(3):  # the obvious reading: each epoch in file order, cut into fours
-        for start in range(0, 17, 4):
-            chunk = rows[start:start + 4]
-            end = start + len(chunk)  # rows consumed in the epoch: file 0 holds the first 10
-            position = StreamPosition(epoch, 0, end) if end <= 10 else StreamPosition(epoch, 1, end - 10)
-            expected.append((collate("pegasus", chunk), position))
-    for (batch, pos), (want, want_pos) in zip(got, expected[:12]):
-        assert pos == want_pos
-        assert {k: v.tolist() for k, v in batch.items()} == {k: v.tolist() for k, v in want.items()}
-
-    for resume_at in (2, 6, 9):  # mid-file 0, mid-file 1 of epoch 1 (past a row group), the end of epoch 1
-        resumed = _stream(files, got[resume_at][1], 3)
-        for (batch, pos), (want, want_pos) in zip(resumed, got[resume_at + 1:resume_at + 4]):
-            assert pos == want_pos and torch.equal(batch["input_ids"], want["input_ids"])
+def _examples(batch) -> list[tuple[int, int]]:
+    """(file, row) of each row of a micro-batch of `_shards` rows."""
+    return [(ids[0] - 100, ids[1] - 1) for ids in batch["input_ids"].tolist()]
 
 
-def test_a_resume_reads_only_the_rest_of_its_file(tmp_path, monkeypatch):
-    files = _shards(tmp_path, [70, 70])  # row groups of 7
-    groups_read = []
-    real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
-                        lambda self, i, *a, **k: groups_read.append(i) or real(self, i, *a, **k))
-    [(batch, _)] = _stream(files, StreamPosition(0, 1, 64), 1)
-    assert batch["input_ids"][:, :2].tolist() == [[101, 65], [101, 66], [101, 67], [101, 68]]
-    assert groups_read[0] == 9  # rows 63-69 of file 1: nothing before the position was read
+def _rest_of_epoch(files, position, rank, world, micro=3):
+    """The examples a worker reads from `position` until its epoch ends."""
+    seen = []
+    for batch, after in micro_batches(files, rank, world, "pegasus", micro, None, position):
+        if after.epoch != position.epoch:
+            return seen
+        seen += _examples(batch)
 
 
-def test_checkpoints_saved_before_positions_named_a_file_resume_at_the_same_row(tmp_path):
-    files = _shards(tmp_path, [10, 7])
-    fs = pafs.LocalFileSystem()
-    assert StreamPosition.saved({"epoch": 2, "rows": 4}, files, fs) == StreamPosition(2, 0, 4)
-    assert StreamPosition.saved({"epoch": 2, "rows": 13}, files, fs) == StreamPosition(2, 1, 3)
-    assert StreamPosition.saved({"epoch": 1, "file": 1, "row": 3}, files, fs) == StreamPosition(1, 1, 3)
+@pytest.mark.parametrize("worlds", [(2, 1), (2, 3), (3, 2, 1), (1, 4)])
+def test_a_change_of_worker_count_mid_epoch_still_uses_every_example_once(tmp_path, worlds):
+    """Workers read part of an epoch, the run resumes with another number of workers (and possibly again, from
+    a re-dealt share), and the new workers finish the epoch: together they used every example of the shards once,
+    and from the next epoch on each worker reads its own files again."""
+    sizes = [10, 7, 12, 5, 9, 3, 8, 11]
+    files = _shards(tmp_path, sizes)
+    everything = sorted((f, r) for f, n in enumerate(sizes) for r in range(n))
+    used = []
+    positions = [StreamPosition()] * worlds[0]
+    for old, new in zip(worlds, worlds[1:]):
+        for rank in range(old):  # as in training: every worker takes the same number of micro-batches
+            for batch, positions[rank] in _stream(files, positions[rank], 2, micro=3, rank=rank, world=old):
+                assert positions[rank].epoch == 0  # every share is longer than 6 rows: all within epoch 0
+                used += _examples(batch)
+        positions = [redeal(positions, files, rank, new) for rank in range(new)]
+    for rank, position in enumerate(positions):
+        used += _rest_of_epoch(files, position, rank, worlds[-1])
+    assert sorted(used) == everything
+    for rank in range(worlds[-1]):
+        [(batch, after)] = _stream(files, StreamPosition(1), 1, micro=3, rank=rank, world=worlds[-1])
+        assert after.dealt is None and _examples(batch)[0][0] == rank
 
 
 def _checkpoint(storage: Path, step: int, complete: bool = True) -> None:
@@ -99,7 +97,7 @@ def _checkpoint(storage: Path, step: int, complete: bool = True) -> None:
 
 
 def test_keep_checkpoints_prunes_folders_ray_train_never_registered_and_nothing_it_did(tmp_path):
-    from suformer.train.loop import prune_unregistered_checkpoints
+    from suformer.train.run_checkpoints import prune_unregistered_checkpoints
 
     for step in (10, 20, 30, 40, 50, 60):
         _checkpoint(tmp_path, step, complete=step != 60)  # 60: still being written
@@ -114,7 +112,7 @@ def test_keep_checkpoints_prunes_folders_ray_train_never_registered_and_nothing_
 
 
 def test_nothing_is_pruned_before_ray_train_has_registered_a_newer_checkpoint(tmp_path):
-    from suformer.train.loop import prune_unregistered_checkpoints
+    from suformer.train.run_checkpoints import prune_unregistered_checkpoints
 
     for step in (10, 20, 30):
         _checkpoint(tmp_path, step)

@@ -16,7 +16,6 @@ import json
 import re
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Iterable, Optional
 
 import pyarrow as pa
@@ -119,13 +118,13 @@ def data_fingerprint(data: DataSection, vocab: Location, files: list[CorpusFile]
 def vocab_for_init(init_from: str, data_vocab: Optional[str]) -> Location:
     """The vocab to train a `model.init_from` checkpoint with: its own vocab.txt unless `data.vocab` names one,
     which must then be the same file. Token ids index the model's embedding, so any other vocab is an error."""
-    source = Path(init_from).expanduser()
     try:
+        source = Location.of(init_from)
         size = json.loads((source / "config.json").read_text())["vocab_size"]
     except (OSError, ValueError, KeyError):
-        raise DataError(f"model.init_from: {source} is not a save_pretrained directory "
+        raise DataError(f"model.init_from: {init_from} is not a save_pretrained directory "
                         "(no readable config.json with vocab_size)") from None
-    own = Location.of(source / "vocab.txt")
+    own = source / "vocab.txt"
     vocab = _vocab_location(data_vocab) if data_vocab else own
     if not vocab.is_file():
         hint = "" if data_vocab else " (set data.vocab to the vocab the model was trained with)"

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..config import FinetuneConfig
 from ..models import build_model, from_pretrained
+from ..storage import Location
 from ..tasks import task_for
 from ..tasks.base import Task
 from ..tokenizer import Tokenizer, build_vocab, write_vocab
@@ -40,7 +41,7 @@ from ..tricks.sparse_softmax import sparse_softmax_cross_entropy
 
 def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
     if cfg.model.init_from:
-        return Tokenizer.from_pretrained(Path(cfg.model.init_from).expanduser())
+        return Tokenizer.from_pretrained(Location.of(cfg.model.init_from).local_folder())
     d = cfg.data  # the vocab depends on exactly the training texts and its size
     source = f"{d.task}|{d.path}|{d.split_seed}|{d.max_train_examples}|{d.vocab_size}"
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
@@ -59,7 +60,7 @@ def build_model_for(cfg: FinetuneConfig, task: Task, tokenizer: Tokenizer) -> to
     # The gradient penalty differentiates through attention twice: only the reference backend can.
     backend = "reference" if cfg.tricks.adversarial == "gradient_penalty" else m.attention_backend
     overrides = {"dropout": m.dropout, **({"attention_backend": backend} if backend else {})}
-    encoder = from_pretrained(Path(m.init_from).expanduser(), **overrides) if m.init_from else \
+    encoder = from_pretrained(Location.of(m.init_from).local_folder(), **overrides) if m.init_from else \
         build_model(m.family, m.preset, vocab_size=len(tokenizer), **overrides)
     model = task.head(encoder, tokenizer)
     if cfg.tricks.lora_r:

@@ -1,19 +1,13 @@
 """The Ray Train worker: plain PyTorch + a DeepSpeed engine + `ray.train.report`.
 
-Every `checkpoint_every` steps each rank saves its DeepSpeed shard plus its data position and RNG state into a
-local directory and reports it; Ray Train merges the ranks' files into one checkpoint folder of the run. Each
-rank also writes, last, a manifest of its files and their sizes. A (re)started worker resumes from the newest
-complete folder, whether Ray Train registered it or not (a killed driver may not have); one damaged afterwards
-(a truncated copy, a lost file) is recognised from the manifests and the previous complete one is used instead.
-A restarted worker replays exactly the same batches and dropout masks. A NaN/inf loss on any rank skips that
-micro-batch on every rank, or stops the run without writing a checkpoint (`train.nonfinite_loss`).
+It resumes from the run's newest complete checkpoint (run_checkpoints.py) and replays exactly the same batches and
+dropout masks. A NaN/inf loss on any rank skips that micro-batch on every rank, or stops the run without writing
+a checkpoint (`train.nonfinite_loss`).
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-import re
 import sys
 import tempfile
 import time
@@ -29,8 +23,9 @@ from ..storage import Location
 from .batches import StreamPosition, micro_batches
 from .deepspeed_config import deepspeed_config
 from .jit_ops import load_deepspeed_ops, ops_for
+from .run_checkpoints import (checkpoints_newest_first, newest_complete, prune_unregistered_checkpoints, restore,
+                              save_checkpoint)
 
-CHECKPOINT_TAG = "state"
 STOPPED_TAG = "suformer.stopped"  # MLflow tag: why the workers stopped the run on purpose
 # Dense bf16 tensor-core peak (FLOP/s) by device name, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -44,7 +39,8 @@ def build(cfg: PretrainConfig, vocab_size: int):
     if m.family == "t5_pegasus":
         overrides["compat"] = m.compat
     if m.init_from:
-        return from_pretrained(m.init_from, **({"compat": m.compat} if m.family == "t5_pegasus" else {}),
+        folder = Location.of(m.init_from).local_folder()  # a URI is copied once per node
+        return from_pretrained(folder, **({"compat": m.compat} if m.family == "t5_pegasus" else {}),
                                **{k: v for k, v in overrides.items() if k not in ("vocab_size", "compat")}).train()
     return build_model(m.family, m.preset, **overrides)
 
@@ -71,132 +67,6 @@ def _optimizer(model, cfg: PretrainConfig):
         optimizer, lambda s: learning_rate_factor(s, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
     )
     return optimizer, schedule
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_manifest(directory: Path, rank: int) -> None:
-    """Record this rank's files and sizes; written last, so its presence means the rank's part was written."""
-    files = {str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
-    (directory / f"manifest_rank{rank}.json").write_text(json.dumps(files))
-
-
-def _read_json(directory: Location, name: str, present: dict[str, int]) -> dict | str:
-    """A checkpoint's JSON file, or why it cannot be read. Another rank's part of the newest checkpoint may still
-    be on its way into the folder when rank 0 looks (it prunes right after its own report), so an empty or cut
-    file is a checkpoint that is not complete yet, not an error."""
-    try:
-        if name in present:
-            return json.loads((directory / name).read_text())
-    except FileNotFoundError:
-        pass  # deleted since the listing
-    except ValueError:  # UnicodeDecodeError is a ValueError too
-        return f"{name} is incomplete"
-    return f"{name} is missing"
-
-
-def checkpoint_problem(directory) -> str | None:
-    """Why a checkpoint folder (a local path or URI) cannot be resumed from (a missing or truncated file), or None
-    if it is complete. One listing gives every file's size, so a checkpoint on object storage costs one request
-    plus the JSON files."""
-    directory = Location.of(directory)
-    present = directory.files()
-    state = _read_json(directory, "train_state.json", present)
-    if isinstance(state, str):
-        return state
-    for rank in range(state["world_size"]):
-        files = _read_json(directory, f"manifest_rank{rank}.json", present)
-        if isinstance(files, str):
-            return files
-        for name, size in files.items():
-            if name not in present:
-                return f"{name} is missing"
-            if present[name] != size:
-                return f"{name} has {present[name]} bytes, {size} were written"
-    return None
-
-
-def _checkpoints_newest_first(run_storage: Location) -> list[Location]:
-    """Every checkpoint folder the run has written, newest first, whether Ray Train registered it or not: a job
-    driver killed between the workers writing a checkpoint and Ray Train's controller recording it (it polls the
-    workers) leaves that checkpoint in storage but not in Ray Train's snapshot, and a resubmission would start
-    over."""
-    return [f for f in reversed(run_storage.folders()) if f.name.startswith("step-")]
-
-
-def prune_unregistered_checkpoints(run_storage, keep: int) -> list[Location]:
-    """Delete the checkpoint folders Ray Train will never know of (left by a killed driver) that `keep` newer
-    complete folders make useless; returns them. The ones Ray Train registered it prunes itself, and must be left
-    to: it fails on a registered folder that is gone. Ray Train registers reports in order and names each folder
-    in its checkpoint-manager snapshot, so an unnamed folder older than a named one will never be registered;
-    newer ones may still be on their way and stay. `run_storage`: a local path or URI."""
-    run_storage = Location.of(run_storage)
-    snapshot = run_storage / "checkpoint_manager_snapshot.json"
-    registered = set(re.findall(r"step-\d{8}", snapshot.read_text())) if snapshot.is_file() else set()
-    folders = _checkpoints_newest_first(run_storage)
-    kept = [d for d in folders if checkpoint_problem(d) is None][:keep]
-    if not registered or len(kept) < keep:
-        return []
-    oldest_kept, newest_registered = kept[-1].name, max(registered)
-    pruned = [d for d in folders if d.name not in registered and d.name < min(oldest_kept, newest_registered)]
-    for folder in pruned:
-        folder.delete()
-    return pruned
-
-
-def _this_ranks_part(rank: int):
-    """Which of a checkpoint's files rank `rank` needs: all but the other ranks' ZeRO partitions."""
-    def wanted(name: str) -> bool:
-        found = re.search(r"zero_pp_rank_(\d+)_", name)
-        return found is None or int(found.group(1)) == rank
-    return wanted
-
-
-def _restore(engine, directory: Location, rank: int, world: int, files: list[str],
-             fs) -> tuple[dict, StreamPosition]:
-    """Load a complete checkpoint into the engine and this rank's RNGs; returns (train state, data position). A
-    checkpoint on object storage is first copied to a local temp folder, this rank's part only."""
-    state = json.loads((directory / "train_state.json").read_text())
-    if state["world_size"] != world:
-        raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has {world}: "
-                           "a ZeRO checkpoint resumes at the same world size")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(directory.path) if directory.is_local else directory.download(tmp, _this_ranks_part(rank))
-        engine.load_checkpoint(local, tag=CHECKPOINT_TAG)
-        _set_rng_state(torch.load(local / f"rng_rank{rank}.pt", weights_only=False))
-        position = StreamPosition.saved(json.loads((local / f"position_rank{rank}.json").read_text()), files, fs)
-    return state, position
-
-
-def _resume(engine, checkpoints: list[Location], rank: int, world: int, files: list[str],
-            fs) -> tuple[dict, StreamPosition, dict]:
-    """Restore the newest complete checkpoint, skipping damaged ones; returns (train state, position, MLflow tags)."""
-    skipped = []
-    for directory in checkpoints:
-        problem = checkpoint_problem(directory)
-        if problem is None:
-            state, position = _restore(engine, directory, rank, world, files, fs)
-            break
-        skipped.append(f"{directory.name} ({problem})")
-    else:
-        raise RuntimeError(f"no complete checkpoint to resume from: {'; '.join(skipped)}")
-    tags = {"suformer.resumed_from": directory.name}
-    if skipped:
-        tags["suformer.skipped_checkpoints"] = "; ".join(skipped)
-        if rank == 0:
-            _say(f"skipping incomplete checkpoints, newest first: {tags['suformer.skipped_checkpoints']}")
-    return state, position, tags
 
 
 def _finite_on_every_rank(loss: torch.Tensor) -> bool:
@@ -255,29 +125,39 @@ def train_loop_per_worker(config: dict) -> None:
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
 
+    # The shards were shuffled when written; a worker reads every world-th one.
+    shards, fs = config["shard_files"], Location.of(config["shards"]).fs
+    run_storage = Location.of(config["checkpoints"])
+    checkpoints = checkpoints_newest_first(run_storage)
+    resume = newest_complete(checkpoints, world) if checkpoints else None
+    ds_config = deepspeed_config(t)
+    if resume and resume.needs_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+
     model = build(cfg, config["vocab_size"])
     optimizer, schedule = _optimizer(model, cfg)
     load_deepspeed_ops(ops_for(t.use_gpu, t.offload_optimizer))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(t))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     device = engine.device
-    # The shards were shuffled when written; a worker reads every world-th one.
-    files, fs = config["shard_files"][rank::world], Location.of(config["shards"]).fs
     step, position, nonfinite_skipped = 0, StreamPosition(), 0
-    run_storage = Location.of(config["checkpoints"])
-    checkpoints = _checkpoints_newest_first(run_storage)
-    resumed_from = {}
-    if checkpoints:
-        state, position, resumed_from = _resume(engine, checkpoints, rank, world, files, fs)
-        step, nonfinite_skipped = state["step"], state.get("nonfinite_skipped", 0)
+    if resume:
+        if rank == 0 and resume.skipped:
+            _say(f"skipping incomplete checkpoints, newest first: {'; '.join(resume.skipped)}")
+        if rank == 0 and resume.state["world_size"] != world:
+            _say(f"{resume.directory.name} was written by {resume.state['world_size']} workers, this run has {world}: "
+                 "the rest of its epoch is dealt to them anew"
+                 + ("; loading it as a DeepSpeed universal checkpoint" if resume.needs_universal else ""))
+        position = restore(engine, resume, rank, ctx.get_local_rank(), shards, fs, int(t.cpus_per_worker))
+        step, nonfinite_skipped = resume.state["step"], resume.state.get("nonfinite_skipped", 0)
         if rank == 0:
             _say(f"resumed from checkpoint at step {step}")
 
     logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    if logger:  # where this attempt started, visible in the MLflow UI
-        for key, value in resumed_from.items():
+    if logger and resume:  # where this attempt started, visible in the MLflow UI
+        for key, value in resume.tags.items():
             logger.client.set_tag(logger.run_id, key, value)
-    stream = micro_batches(files, cfg.data.objective, t.micro_batch_size, t.max_tokens_per_batch, position, fs)
+    stream = micro_batches(shards, rank, world, cfg.data.objective, t.micro_batch_size, t.max_tokens_per_batch,
+                           position, fs)
     peak = next((v for k, v in PEAK_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
     flops_per_token = _flops_per_token(engine.module)
     # loss x tokens, correct, predicted tokens, input tokens: summed on the device, read once per logging window
@@ -348,14 +228,9 @@ def train_loop_per_worker(config: dict) -> None:
 
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
-                (Path(tmp) / f"position_rank{rank}.json").write_text(json.dumps(position.__dict__))
-                torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-                if rank == 0:
-                    (Path(tmp) / "train_state.json").write_text(json.dumps(
-                        {"step": step, "run_id": config["run_id"], "world_size": world,
-                         "nonfinite_skipped": nonfinite_skipped}))
-                _write_manifest(Path(tmp), rank)
+                save_checkpoint(engine, Path(tmp), rank, position, {
+                    "step": step, "run_id": config["run_id"], "world_size": world,
+                    "nonfinite_skipped": nonfinite_skipped})
                 ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{step:08d}")
             if rank == 0:

@@ -25,7 +25,8 @@ from ..storage import Location
 
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config
-from .loop import CHECKPOINT_TAG, STOPPED_TAG, build, train_loop_per_worker
+from .loop import STOPPED_TAG, build, train_loop_per_worker
+from .run_checkpoints import CHECKPOINT_TAG
 
 class TrainingStopped(RuntimeError):
     """The workers stopped the run on purpose (a non-finite loss); the latest checkpoint is the last good state."""
