@@ -104,9 +104,10 @@ def first_batch_after_resume(shards: list[Path]) -> list[tuple[str, str, float]]
 
     from suformer.train.batches import StreamPosition, micro_batches
 
-    files = [str(p) for p in shards[0::2]]
+    shards = [str(p) for p in shards]
+    files = shards[0::2]  # worker 0's
     sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    next(micro_batches(files, "mlm", 8, None, StreamPosition()))  # warm-up: the first batch imports torch
+    next(micro_batches(shards, 0, 2, "mlm", 8, None, StreamPosition()))  # warm-up: the first batch imports torch
     rows = []
     for share in (0.1, 0.9):
         target = int(sum(sizes) * share)
@@ -114,7 +115,7 @@ def first_batch_after_resume(shards: list[Path]) -> list[tuple[str, str, float]]
         while row > sizes[index]:
             row, index = row - sizes[index], index + 1
         start = time.perf_counter()
-        next(micro_batches(files, "mlm", 8, None, StreamPosition(0, index, row)))
+        next(micro_batches(shards, 0, 2, "mlm", 8, None, StreamPosition(0, index, row)))
         rows.append((f"{share:.0%} ({target:,} rows)", "position (epoch, file, row): skip to it", time.perf_counter() - start))
         start = time.perf_counter()
         seen = 0
