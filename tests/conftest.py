@@ -20,6 +20,22 @@ from suformer.data.corpora import peoples_daily, review_sentences
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
 
 
+# Tests that use the session's services (Ray cluster, tracking server, S3 API) run as one group on one xdist
+# worker, so each service starts once; the group is the suite's critical path, so it is scheduled first and the
+# other worker runs the CPU-only tests beside it (`-n 2 --dist loadgroup` in pyproject.toml). A second group with
+# services of its own on the other worker was tried and was slower: on 2 cores the runs only wait for each other.
+SESSION_SERVICES = {"ray_cluster", "mlflow_server", "s3_server"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    uses_services = {item: bool(SESSION_SERVICES & set(item.fixturenames)) for item in items}
+    for item, grouped in uses_services.items():
+        if grouped:
+            item.add_marker(pytest.mark.xdist_group("session-services"))
+    items.sort(key=lambda item: not uses_services[item])  # stable: each module keeps its order
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

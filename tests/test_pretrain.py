@@ -64,9 +64,14 @@ def zero_runs(ray_cluster, runs_root):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_each_zero_stage_trains_checkpoints_and_exports(zero_runs, stage):
+    from mlflow.tracking import MlflowClient
+
     cfg, result = zero_runs[stage]
     run, history = loss_history(cfg)
     assert run.info.status == "FINISHED"
+    # A local store keeps its artifacts under the run root, not in whatever folder the driver started in.
+    experiment = MlflowClient(cfg.tracking_uri).get_experiment(run.info.experiment_id)
+    assert experiment.artifact_location.startswith(Path(cfg.run.root).as_uri() + "/")
     assert [s for s, _ in history] == [1, 2, 3, 4]
     assert Path(result["checkpoint"]).name == "step-00000004"
     model = from_pretrained(result["model_dir"])
@@ -101,18 +106,24 @@ def _wait_for_step(cfg, step, timeout=300):
     raise TimeoutError(f"step {step} of {cfg.run.name} was never logged")
 
 
-def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, runs_root, tmp_path):
-    """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster. The first
-    submission's driver is SIGKILLed mid-run (its Train controller and workers die with it); submitting the same
-    command again resumes from the last checkpoint into the same MLflow run and finishes it."""
+def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow_server, runs_root, tmp_path,
+                                                          monkeypatch):
+    """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster, tracking into
+    the shared login server (the nodes hold its credentials; the submission carries none). The first submission's
+    driver is SIGKILLed mid-run (its Train controller and workers die with it); submitting the same command again
+    resumes from the last checkpoint into the same MLflow run and finishes it. The password shows up nowhere: not
+    in the job's output, the run's params or tags."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     sets = small(runs_root, "e2e", max_steps=30, checkpoint_every=10, log_every=5, lr=3e-3, warmup_steps=3)
+    sets.append(f"run.tracking_uri={mlflow_server.url}")
     entry = [sys.executable.replace(" ", "\\ "), "jobs/pretrain.py", "--config", "jobs/configs/t5_pegasus_tiny_cpu.yaml"]
     for s in sets:
         entry += ["--set", s]
     submit = ["submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO)]
     cfg = load_config(CONFIG, sets)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.username)  # this process reads the runs back
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.password)
 
     first = _ray_cli(ray_cluster, *submit, "--no-wait", "--", *entry)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -128,9 +139,10 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, runs_r
 
     proc = _ray_cli(ray_cluster, *submit, "--", *entry)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "succeeded" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    assert "succeeded" in proc.stdout and f"{mlflow_server.url}/#/experiments/" in proc.stdout
     assert "[suformer] step 30/30" in proc.stdout and "ETA" in proc.stdout
     assert re.search(r"resumed from checkpoint at step (10|20)\b", proc.stdout), proc.stdout[-3000:]
+    assert mlflow_server.password not in first.stdout + proc.stdout + proc.stderr
 
     run, history = loss_history(cfg)  # still one MLflow run for the name
     assert run.info.status == "FINISHED"
@@ -139,9 +151,12 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, runs_r
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.family"] == "t5_pegasus"
     losses = [v for _, v in history]
     assert losses[-1] < losses[0] - 0.2 and losses == sorted(losses, reverse=True), history  # visibly falling
+    recorded = list(run.data.params.values()) + list(run.data.tags.values())
+    assert not any(mlflow_server.password in str(value) for value in recorded)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cfg.tracking_uri)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, no bucket creds in jobs
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"setup", "samples.txt"} <= artifacts
     experiment = client.get_experiment(run.info.experiment_id)
@@ -150,13 +165,15 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, runs_r
     shards = Path(run.data.params["data.shards"])
     assert dataset.dataset.name == cfg.data.corpus and dataset.dataset.digest == shards.name[:36]
     assert str(shards) in dataset.dataset.source and {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "train"
-    # The export as an MLflow 3 logged model of the run, at its last step, holding the save_pretrained files.
+    # The export as an MLflow 3 logged model of the run, at its last step, holding the save_pretrained files,
+    # which the server proxies.
     (output,) = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
     assert output.step == 30 and model.source_run_id == run.info.run_id and model.status == "READY"
     import mlflow.artifacts
 
-    logged = Path(mlflow.artifacts.download_artifacts(model.artifact_location, dst_path=str(tmp_path / "logged")))
+    logged = Path(mlflow.artifacts.download_artifacts(model.artifact_location, dst_path=str(tmp_path / "logged"),
+                                                      tracking_uri=cfg.tracking_uri))
     exported = {p.name: p.read_bytes() for p in (Path(cfg.run_dir.path) / "model").iterdir()}
     assert {p.name: p.read_bytes() for p in logged.iterdir()} == exported and "config.json" in exported
     assert {"setup/deepspeed.json", "setup/vocab.txt", "setup/config.yaml"} <= {
@@ -164,7 +181,6 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, runs_r
     metrics = client.get_run(run.info.run_id).data.metrics
     assert any(k.startswith("system/") for k in metrics)
     assert metrics["data/documents"] == 600 and metrics["data/examples"] > 0
-    assert str(runs_root) in client.get_experiment(run.info.experiment_id).artifact_location  # not the job's temp dir
     model_dir = Path(cfg.run_dir.path) / "model"
     ours = from_pretrained(model_dir)
     from transformers import MT5ForConditionalGeneration

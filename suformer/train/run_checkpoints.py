@@ -218,6 +218,10 @@ def restore(engine, resume: Resume, rank: int, local_rank: int, shards: list[str
             engine.load_checkpoint(local, tag=CHECKPOINT_TAG)
         if (local / f"rng_rank{rank}.pt").is_file():  # not for a worker added since: it keeps its seeded RNGs
             _set_rng_state(torch.load(local / f"rng_rank{rank}.pt", weights_only=False))
-        saved = [StreamPosition.saved(json.loads((local / f"position_rank{r}.json").read_text()),
-                                      shards[r::old_world], fs) for r in range(old_world)]
-    return saved[rank] if old_world == resume.world else redeal(saved, shards, rank, resume.world)
+        def saved(r: int) -> StreamPosition:  # where old rank r stood in its files
+            return StreamPosition.saved(json.loads((local / f"position_rank{r}.json").read_text()),
+                                        shards[r::old_world], fs)
+
+        if old_world == resume.world:
+            return saved(rank)
+        return redeal([saved(r) for r in range(old_world)], shards, rank, resume.world)
