@@ -15,7 +15,10 @@ import torch.multiprocessing as mp
 
 from suformer.train.batches import StreamPosition
 
-pytestmark = pytest.mark.slow
+# Run in the session-services group (tests/conftest.py), never beside the cluster's Ray workers: one run beside them
+# (a fresh clone on 2 cores, 2026-12-02) aborted in a rank's gloo thread ("terminate called without an active
+# exception") during the ZeRO-1 steps, a failure not understood yet; in the group it runs as it always passed.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("session-services")]
 SHARDS = [f"shard-{i}.parquet" for i in range(6)]  # names only: positions index them, nothing reads them here
 
 
