@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
-	@# DeepSpeed's CPU collective op is built on first use (about a minute on 2 cores): built here, once, rather
+	@# DeepSpeed's CPU collective op is built on first use (30-50 s on 2 cores): built here, once, rather
 	@# than inside a newcomer's first run or the first test that starts DeepSpeed.
 	$(BIN)/python -c "import torch; from suformer.train.jit_ops import load_deepspeed_ops, ops_for; \
 		load_deepspeed_ops(ops_for(torch.cuda.is_available(), offload_optimizer=False))"
