@@ -49,15 +49,19 @@ def loss_history(cfg, run_id=None):
     return run, sorted((m.step, m.value) for m in history)
 
 
+# The fault tests' run: checkpoints before and after the fault (at step 6), a warm-up to resume inside of.
+FAULT_RUN = dict(max_steps=12, checkpoint_every=4, warmup_steps=2, max_failures=2, zero_stage=1)
+
+
 @pytest.fixture(scope="module")
 def zero_runs(ray_cluster, runs_root):
+    """One run per ZeRO stage, each with the fault tests' settings: the stage-1 run is also the uninterrupted run
+    those tests compare with (one Ray run fewer)."""
     from suformer.train.pretrain import run_pretraining
 
-    root = runs_root
     results = {}
     for stage in (0, 1, 2, 3):
-        cfg = load_config(CONFIG, small(root, f"zero{stage}", zero_stage=stage, max_steps=4, checkpoint_every=2,
-                                        warmup_steps=0, max_failures=0))
+        cfg = load_config(CONFIG, small(runs_root, f"zero{stage}", **{**FAULT_RUN, "zero_stage": stage}))
         results[stage] = (cfg, run_pretraining(cfg))
     return results
 
@@ -72,8 +76,8 @@ def test_each_zero_stage_trains_checkpoints_and_exports(zero_runs, stage):
     # A local store keeps its artifacts under the run root, not in whatever folder the driver started in.
     experiment = MlflowClient(cfg.tracking_uri).get_experiment(run.info.experiment_id)
     assert experiment.artifact_location.startswith(Path(cfg.run.root).as_uri() + "/")
-    assert [s for s, _ in history] == [1, 2, 3, 4]
-    assert Path(result["checkpoint"]).name == "step-00000004"
+    assert [s for s, _ in history] == list(range(1, 13))
+    assert Path(result["checkpoint"]).name == "step-00000012"
     model = from_pretrained(result["model_dir"])
     assert model.config.vocab_size == 3000
     # Every stage computes the same function: same losses as plain data parallel (stage 0).
@@ -189,16 +193,10 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow
     assert theirs.config.vocab_size == ours.config.vocab_size
 
 
-FAULT_RUN = dict(max_steps=12, checkpoint_every=4, warmup_steps=2, max_failures=2)
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, runs_root):
-    """The fault tests' run without any fault: its config, result and per-step losses."""
-    from suformer.train.pretrain import run_pretraining
-
-    cfg = load_config(CONFIG, small(runs_root, "clean", **FAULT_RUN))
-    result = run_pretraining(cfg)
+def uninterrupted(zero_runs):
+    """The fault tests' run without any fault (the ZeRO-1 run): its config, result and per-step losses."""
+    cfg, result = zero_runs[FAULT_RUN["zero_stage"]]
     return cfg, result, [v for _, v in loss_history(cfg)[1]]
 
 
@@ -295,13 +293,18 @@ def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, s
 
 
 
+@pytest.fixture(scope="module")
+def roformer_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("roformer")  # both objectives count the same character vocab: built once
+
+
 @pytest.mark.parametrize("objective", ["mlm", "unilm"])
-def test_roformer_v2_objectives_train_and_export(ray_cluster, tmp_path, objective):
+def test_roformer_v2_objectives_train_and_export(ray_cluster, roformer_root, tmp_path, objective):
     from mlflow.tracking import MlflowClient
 
     from suformer.train.pretrain import run_pretraining
 
-    sets = [f"run.root={tmp_path}", f"run.name=roformer-{objective}", f"data.objective={objective}",
+    sets = [f"run.root={roformer_root}", f"run.name=roformer-{objective}", f"data.objective={objective}",
             "data.max_documents=400", "data.rows_per_shard=40", "data.vocab_size=2000", "data.max_len=96",
             "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "train.micro_batch_size=4",
             "train.samples_to_log=1"]
@@ -323,25 +326,25 @@ def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
     from suformer.train.pretrain import run_pretraining
 
     cfg, first = zero_runs[2]
-    for steps in (6, 8):
-        longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
-        again = run_pretraining(longer)
-        run, history = loss_history(longer)
-        assert again["run_id"] == first["run_id"] == run.info.run_id
-        assert run.data.tags["suformer.resumed_from"] == f"step-{steps - 2:08d}"
-        assert [s for s, _ in history] == list(range(1, steps + 1))
-        assert Path(again["checkpoint"]).name == f"step-{steps:08d}"
-        (Path(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json").unlink()
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 16})})
+    again = run_pretraining(longer)
+    run, history = loss_history(longer)
+    assert again["run_id"] == first["run_id"] == run.info.run_id
+    assert run.data.tags["suformer.resumed_from"] == "step-00000012"
+    assert [s for s, _ in history] == list(range(1, 17))
+    assert Path(again["checkpoint"]).name == "step-00000016"
 
-    # A node lost and not replaced: the run goes on with one worker, the global batch kept by grad_accum.
-    fewer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10, "num_workers": 1,
+    # Ray Train's record of step 16 lost, and a node lost and not replaced: the run goes on from step 16 with one
+    # worker, the global batch kept by grad_accum.
+    (Path(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json").unlink()
+    fewer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 20, "num_workers": 1,
                                                                          "grad_accum": 2})})
     again = run_pretraining(fewer)
     run, history = loss_history(fewer)
     assert again["run_id"] == first["run_id"]
-    assert run.data.tags["suformer.resumed_from"] == "step-00000008"
+    assert run.data.tags["suformer.resumed_from"] == "step-00000016"
     assert run.data.tags["suformer.resharded"] == "2 -> 1 workers"
-    assert [s for s, _ in history] == list(range(1, 11))
+    assert [s for s, _ in history] == list(range(1, 21))
     assert json.loads((Path(again["checkpoint"]) / "train_state.json").read_text())["world_size"] == 1
 
 
