@@ -13,8 +13,13 @@
 #   MLFLOW_TRACKING_URI=http://<server>:5000 MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=...
 # Other settings from the environment: MLFLOW_SERVER_ALLOWED_HOSTS (default localhost + private networks: DNS
 # rebinding protection), MLFLOW_FLASK_SERVER_SECRET_KEY (set the same value on every replica; generated per start
-# otherwise), MLFLOW_AUTH_DEFAULT_PERMISSION (READ by default: logged-in users read everything, write their own).
+# otherwise), MLFLOW_AUTH_DEFAULT_PERMISSION (READ by default: logged-in users read everything, write their own),
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION (false by default here, see below).
 set -euo pipefail
+
+# MLflow 3's job runner serves GenAI features (scorers, prompt optimisation, trace rollups) that training runs do
+# not use; it starts eight more processes, about 1.7 GB of memory on the head. Set it to true to have them.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 host=127.0.0.1 port=5000 home="${SUFORMER_MLFLOW_HOME:-./mlflow-server}" backend="" artifacts="" auth=1
 while [[ $# -gt 0 ]]; do

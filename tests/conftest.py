@@ -123,7 +123,8 @@ def mlflow_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for_http(url + "/health", timeout=120)
-        yield SimpleNamespace(url=url, username="admin", password=password, home=home, log=home / "server.log")
+        yield SimpleNamespace(url=url, username="admin", password=password, home=home, log=home / "server.log",
+                              pid=proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

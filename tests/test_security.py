@@ -55,6 +55,16 @@ def test_tracking_server_requires_a_login(mlflow_server):
     assert mlflow_server.password not in auth_config and mlflow_server.password not in mlflow_server.log.read_text()
 
 
+def test_tracking_server_starts_without_mlflows_genai_job_runner(mlflow_server):
+    """The job runner (huey consumers for GenAI scorers and trace rollups) is off unless asked for: the server
+    is its own process and uvicorn's, not eight more."""
+    import psutil
+
+    lines = [" ".join(p.cmdline()) for p in psutil.Process(mlflow_server.pid).children(recursive=True)]
+    assert any("uvicorn" in line for line in lines), lines
+    assert not [line for line in lines if "huey" in line or "jobs._job_runner" in line]
+
+
 @pytest.mark.parametrize("args,env,message", [
     ([], {}, "set MLFLOW_AUTH_ADMIN_PASSWORD"),
     (["--no-auth", "--host", "0.0.0.0"], {}, "refusing --no-auth on 0.0.0.0"),
