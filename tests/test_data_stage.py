@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from suformer.config import DataSection
+from suformer.data import dataset
 from suformer.data.dataset import ensure_vocab, prepare_shards, shard_files
 from suformer.tokenizer import build_vocab, load_vocab
 
@@ -36,7 +37,8 @@ def test_a_sampled_vocab_is_reproducible_and_counts_about_the_sample_size(ray_cl
     assert other.read_bytes() != first.read_bytes()
 
 
-def test_shards_hold_every_example_once_shuffled_out_of_corpus_order(ray_cluster, tmp_path, char_vocab_file, news):
+def test_shards_hold_every_example_once_shuffled_out_of_corpus_order(ray_cluster, tmp_path, char_vocab_file, news,
+                                                                      monkeypatch):
     # One MLM example per document (short documents); a document's number is its first 4 characters (Chinese
     # digits: one token each in the char vocab).
     digits = "零一二三四五六七八九"
@@ -44,12 +46,16 @@ def test_shards_hold_every_example_once_shuffled_out_of_corpus_order(ray_cluster
     corpus = tmp_path / "numbered.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
     data = DataSection(corpus=str(corpus), objective="mlm", mask_rate=1e-9, max_len=128, rows_per_shard=200)
-    shards = prepare_shards(data, char_vocab_file, tmp_path)
+    # Three shuffle partitions, as a corpus of a few hundred MB gets: rows cross partitions and each is sorted.
+    monkeypatch.setattr(dataset, "SHUFFLE_PARTITION_BYTES", corpus.stat().st_size // 3 + 1)
     vocab = {i: t for t, i in load_vocab(char_vocab_file).items()}
-    order = []
-    for path in shard_files(shards):
-        for ids in pq.read_table(path, columns=["input_ids"]).column(0).to_pylist():
-            order.append(int("".join(str(digits.index(vocab[i])) for i in ids[1:5])))
+
+    def documents_in_shard_order(shards):
+        return [int("".join(str(digits.index(vocab[i])) for i in ids[1:5])) for path in shard_files(shards)
+                for ids in pq.read_table(path, columns=["input_ids"]).column(0).to_pylist()]
+
+    shards = prepare_shards(data, char_vocab_file, tmp_path)
+    order = documents_in_shard_order(shards)
     assert sorted(order) == list(range(1500))
     # Shuffled: a random permutation's rank correlation with corpus order is ~0 (|rho| < 0.1 by far here).
     n = len(order)
@@ -57,6 +63,11 @@ def test_shards_hold_every_example_once_shuffled_out_of_corpus_order(ray_cluster
     assert abs(rho) < 0.1
     ready = json.loads((shards / "_READY.json").read_text())
     assert ready["examples"] == ready["documents"] == 1500 and max(ready["shard_rows"].values()) <= 200
+    # Seeded: the same seed shuffles the same way in another build, another seed otherwise.
+    assert documents_in_shard_order(prepare_shards(data, char_vocab_file, tmp_path / "again")) == order
+    other = documents_in_shard_order(prepare_shards(data.model_copy(update={"seed": 1}), char_vocab_file,
+                                                    tmp_path / "other"))
+    assert sorted(other) == sorted(order) and other != order
 
 
 def test_counts_add_up_across_formats(ray_cluster, tmp_path, char_vocab_file, news):

@@ -69,6 +69,10 @@ def _tokenizer(vocab: str, pre_tokenize: Optional[str]) -> Tokenizer:
     return Tokenizer(Location.of(vocab).local_file(), pre_tokenize=pre_tokenize)
 
 
+SHUFFLE_KEY = "_shuffle_key"
+SHUFFLE_PARTITION_BYTES = 128 * 2**20  # of corpus text per shuffle partition: ~350 MB of examples to sort
+
+
 def _build_examples(batch: dict, data: DataSection, vocab: str, counter) -> pa.Table:
     """Ray Data map_batches function: document rows -> the objective's example rows; counts go to `counter`."""
     objective = OBJECTIVES[data.objective]
@@ -79,7 +83,22 @@ def _build_examples(batch: dict, data: DataSection, vocab: str, counter) -> pa.T
     import ray
 
     ray.get(counter.add.remote(dict(counts)))  # waited for: the totals are read once the stage ends
-    return pa.Table.from_pydict(columns, schema=objective.schema)
+    table = pa.Table.from_pydict(columns, schema=objective.schema)
+    return table.append_column(SHUFFLE_KEY, _shuffle_keys(table.column("input_ids"), data.seed))
+
+
+def _shuffle_keys(input_ids: pa.ChunkedArray, seed: int) -> pa.Array:
+    """A seeded 64-bit hash of each example's tokens: ordering by it is a seeded random permutation of the
+    examples, the same however Ray splits the work."""
+    key = seed.to_bytes(8, "little", signed=True)
+    keys = []
+    for chunk in input_ids.chunks:
+        offsets, values = chunk.offsets.to_numpy(), memoryview(chunk.values.to_numpy()).cast("B")
+        width = chunk.type.value_type.bit_width // 8
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            digest = hashlib.blake2b(values[start * width:end * width], digest_size=8, key=key).digest()
+            keys.append(int.from_bytes(digest, "little"))
+    return pa.array(keys, pa.uint64())
 
 
 class _Counts:
@@ -316,15 +335,22 @@ def prepare_shards(data: DataSection, vocab, root, corpus=None) -> Location:
     build = out / f"build-{time.time_ns()}"
     counter = ray.remote(num_cpus=0)(_Counts).remote()
     documents = read_corpus(data, fs, files)
+    # This pipeline's own context (its datasets share one copy): Ray Data's per-operator reservations left example
+    # building one of two CPUs here while the shuffle waited for its input (80 MB: 150-157 s with, 101-119 s
+    # without); the object-store backpressure still applies.
+    documents.context.op_resource_reservation_enabled = False
     if data.max_documents:
         documents = documents.limit(data.max_documents)
     examples = documents.map_batches(
         _build_examples, fn_kwargs=dict(data=data, vocab=vocab.uri, counter=counter), batch_size=64,
     )
+    # A seeded global shuffle, so that no worker trains in corpus order: rows go to hash partitions by their random
+    # key and each partition is sorted by it (Ray Data's hash shuffle). Not random_shuffle(): its all-to-all
+    # returns blocks of a few KB that Ray keeps in the driver's heap, which grew with the corpus (0.4 GB per
+    # 80 MB measured). The shards, once written, fix the order for every epoch and resume.
+    partitions = max(1, math.ceil(size / SHUFFLE_PARTITION_BYTES))
     try:
-        # A seeded global shuffle: no worker trains in corpus order. The shards, once written, fix the order for
-        # every epoch and resume.
-        examples.random_shuffle(seed=data.seed).write_parquet(
+        examples.repartition(partitions, keys=[SHUFFLE_KEY], sort=True).drop_columns([SHUFFLE_KEY]).write_parquet(
             build.path, filesystem=build.fs, filename_provider=ShardNames(), mode=SaveMode.CREATE,  # a fresh folder
             min_rows_per_file=data.rows_per_shard // 2, max_rows_per_file=data.rows_per_shard, row_group_size=256)
     except Exception as error:
