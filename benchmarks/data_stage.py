@@ -137,8 +137,7 @@ def main():
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("corpus", "objective", "vocab", "root"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
-    parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs of the data stage (at least 2: with one, "
-                        "the stage never finished here)")
+    parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs of the data stage")
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:
