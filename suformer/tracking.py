@@ -6,6 +6,7 @@ steps leaves each step once in the history.
 """
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -68,6 +69,8 @@ class MetricLogger:
         history = self.client.get_metric_history(run_id, history_key)
         self.last_step = max((m.step for m in history), default=-1)
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop/"no GPU" INFO lines
 
         # CPU/memory/disk/network (and GPU with pynvml) of rank 0's node every 10 s, continuing after a restart.
         self.system = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=self.last_step >= 0,

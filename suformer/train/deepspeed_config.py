@@ -2,7 +2,18 @@
 resolve transformers' "auto")."""
 from __future__ import annotations
 
+import os
+import warnings
+
 from ..config import TrainSection
+
+
+def deepspeed_process_settings(on_gpu: bool) -> None:
+    """Before a process imports DeepSpeed: name its accelerator (left to guess on a CPU machine, DeepSpeed warns
+    on every worker that it found no GPU), and hide torch's deprecation warning for a collective DeepSpeed 0.19
+    calls at each step, which DeepSpeed has to change, not its users."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning)
 
 
 def use_bf16(precision: str, on_gpu: bool) -> bool:

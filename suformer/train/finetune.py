@@ -88,10 +88,12 @@ def _peak_memory_mb() -> float:
 def _deepspeed_engine(model, optimizer, schedule, t):
     """A one-process DeepSpeed engine around the model, optimizer and schedule (a Tune trial is its own process,
     so the process group is a group of one)."""
-    import deepspeed
     import torch.distributed as dist
 
-    from .deepspeed_config import use_bf16
+    from .deepspeed_config import deepspeed_process_settings, use_bf16
+
+    deepspeed_process_settings(torch.cuda.is_available())
+    import deepspeed
     from .jit_ops import load_deepspeed_ops, ops_for
 
     load_deepspeed_ops(ops_for(torch.cuda.is_available(), t.offload_optimizer))

@@ -21,7 +21,7 @@ from ..config import PretrainConfig
 from ..models import build_model, from_pretrained
 from ..storage import Location
 from .batches import StreamPosition, micro_batches
-from .deepspeed_config import deepspeed_config
+from .deepspeed_config import deepspeed_config, deepspeed_process_settings
 from .jit_ops import load_deepspeed_ops, ops_for
 from .run_checkpoints import (checkpoints_newest_first, newest_complete, prune_unregistered_checkpoints, restore,
                               save_checkpoint)
@@ -110,13 +110,14 @@ def _flops_per_token(model) -> float:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
     import ray.train
 
     from ..tracking import MetricLogger
 
     cfg = PretrainConfig.model_validate(config["cfg"])
     t = cfg.train
+    deepspeed_process_settings(t.use_gpu)
+    import deepspeed
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not t.use_gpu:  # one intra-op thread per reserved CPU: no oversubscription between co-located workers

@@ -7,6 +7,8 @@ exported model all go through it, so the nodes need no shared filesystem.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -24,7 +26,7 @@ from ..ray_connect import connect_or_start
 from ..storage import Location
 
 from ..tokenizer import Tokenizer
-from .deepspeed_config import deepspeed_config
+from .deepspeed_config import deepspeed_config, deepspeed_process_settings
 from .loop import STOPPED_TAG, build, train_loop_per_worker
 from .run_checkpoints import CHECKPOINT_TAG
 
@@ -35,6 +37,8 @@ class TrainingStopped(RuntimeError):
 def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> Path:
     """Consolidate the final DeepSpeed checkpoint (any ZeRO stage) into fp32 weights and save_pretrained them."""
     import torch
+
+    deepspeed_process_settings(on_gpu=False)  # the consolidation runs on the driver's CPU
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with checkpoint.as_directory() as d:
@@ -42,7 +46,8 @@ def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> 
             state = torch.load(Path(d) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
                                weights_only=False)["module"]
         else:
-            state = get_fp32_state_dict_from_zero_checkpoint(d, tag=CHECKPOINT_TAG)
+            with contextlib.redirect_stdout(io.StringIO()):  # its step-by-step prints; errors still raise
+                state = get_fp32_state_dict_from_zero_checkpoint(d, tag=CHECKPOINT_TAG)
     model = build(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})}), vocab_size)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     tied = {"lm_head.weight", "cls.predictions.decoder.weight"}
