@@ -15,8 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@# DeepSpeed's CPU collective op is built on first use (30-50 s on 2 cores): built here, once, rather
 	@# than inside a newcomer's first run or the first test that starts DeepSpeed.
-	$(BIN)/python -c "import torch; from suformer.train.jit_ops import load_deepspeed_ops, ops_for; \
-		load_deepspeed_ops(ops_for(torch.cuda.is_available(), offload_optimizer=False))"
+	$(BIN)/python -m suformer.train.jit_ops
 	@# Debian's Chromium renders the MLflow compare view (jobs/render_sweep.py and its test).
 	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null \
 		|| (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) \

@@ -1,4 +1,9 @@
-"""Pretraining on a real local Ray cluster: DeepSpeed ZeRO 0-3 workers, `ray job submit`, worker failure."""
+"""Pretraining on a real local Ray cluster: DeepSpeed ZeRO 0-3 workers, `ray job submit`, worker failure.
+
+As on a cluster whose nodes share no filesystem, the corpus and the run root are on a real S3 API (moto's server):
+the vocab, shards, checkpoints, MLflow artifacts and exported models are written there. MLflow's database is the
+one local file. The RoFormerV2 runs keep a local run root."""
+import itertools
 import json
 import os
 import re
@@ -9,10 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from suformer.config import load_config
+from suformer.data.corpora import peoples_daily
 from suformer.data.dataset import shard_files
 from suformer.models import from_pretrained
 from suformer.storage import Location
@@ -23,16 +31,23 @@ CONFIG = str(REPO / "jobs" / "configs" / "t5_pegasus_tiny_cpu.yaml")
 
 
 @pytest.fixture(scope="module")
-def runs_root(tmp_path_factory):
-    """One run root for the module's runs (each its own run.name): the vocab and shards they share are built once,
-    as a user's runs on one corpus share them."""
-    return tmp_path_factory.mktemp("runs")
+def store(s3_server, tmp_path_factory):
+    """Where the module's runs read and write. One run root for all of them (each its own run.name): the vocab
+    and shards they share are built once, as a user's runs on one corpus share them. The corpus: People's Daily
+    paragraphs, one document per line."""
+    local = tmp_path_factory.mktemp("pretrain_local")
+    corpus = Location.of(f"s3://{s3_server.bucket}/{local.name}/corpus/peoples_daily.txt")
+    corpus.write_text("".join(f"{text}\n" for text in itertools.islice(peoples_daily(), 700)))
+    return SimpleNamespace(corpus=corpus.uri, root=f"s3://{s3_server.bucket}/{local.name}/runs", local=local,
+                           tracking_uri=f"sqlite:///{local}/mlflow.db")
 
 
-def small(root, name, **train):
+def small(store, name, **train):
     """The default CPU config, shrunk to seconds: 600 documents, a few steps, every step logged."""
-    sets = [f"run.root={root}", f"run.name={name}", "data.max_documents=600", "data.rows_per_shard=40",
-            "data.vocab_size=3000", "train.log_every=1", "train.samples_to_log=1", "train.micro_batch_size=4"]
+    sets = [f"data.corpus={store.corpus}", "data.txt_documents=line", f"run.root={store.root}",
+            f"run.tracking_uri={store.tracking_uri}", f"run.name={name}", "data.max_documents=600",
+            "data.rows_per_shard=40", "data.vocab_size=3000", "train.log_every=1", "train.samples_to_log=1",
+            "train.micro_batch_size=4"]
     sets += [f"train.{k}={v}" for k, v in train.items()]
     return sets
 
@@ -54,14 +69,14 @@ FAULT_RUN = dict(max_steps=12, checkpoint_every=4, warmup_steps=2, max_failures=
 
 
 @pytest.fixture(scope="module")
-def zero_runs(ray_cluster, runs_root):
+def zero_runs(ray_cluster, store):
     """One run per ZeRO stage, each with the fault tests' settings: the stage-1 run is also the uninterrupted run
     those tests compare with (one Ray run fewer)."""
     from suformer.train.pretrain import run_pretraining
 
     results = {}
     for stage in (0, 1, 2, 3):
-        cfg = load_config(CONFIG, small(runs_root, f"zero{stage}", **{**FAULT_RUN, "zero_stage": stage}))
+        cfg = load_config(CONFIG, small(store, f"zero{stage}", **{**FAULT_RUN, "zero_stage": stage}))
         results[stage] = (cfg, run_pretraining(cfg))
     return results
 
@@ -73,11 +88,12 @@ def test_each_zero_stage_trains_checkpoints_and_exports(zero_runs, stage):
     cfg, result = zero_runs[stage]
     run, history = loss_history(cfg)
     assert run.info.status == "FINISHED"
-    # A local store keeps its artifacts under the run root, not in whatever folder the driver started in.
+    # A SQLite store keeps its artifacts under the run root, not in whatever folder the driver started in.
     experiment = MlflowClient(cfg.tracking_uri).get_experiment(run.info.experiment_id)
-    assert experiment.artifact_location.startswith(Path(cfg.run.root).as_uri() + "/")
+    assert experiment.artifact_location == f"{cfg.run.root}/mlartifacts"
+    assert run.info.artifact_uri.startswith(f"{cfg.run.root}/mlartifacts/")
     assert [s for s, _ in history] == list(range(1, 13))
-    assert Path(result["checkpoint"]).name == "step-00000012"
+    assert Location.of(result["checkpoint"]).name == "step-00000012"
     model = from_pretrained(result["model_dir"])
     assert model.config.vocab_size == 3000
     # Every stage computes the same function: same losses as plain data parallel (stage 0).
@@ -110,7 +126,7 @@ def _wait_for_step(cfg, step, timeout=300):
     raise TimeoutError(f"step {step} of {cfg.run.name} was never logged")
 
 
-def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow_server, runs_root, tmp_path,
+def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow_server, store, tmp_path,
                                                           monkeypatch):
     """The README's path: `ray job submit -- python jobs/pretrain.py` against a token-auth cluster, tracking into
     the shared login server (the nodes hold its credentials; the submission carries none). The first submission's
@@ -119,7 +135,7 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow
     in the job's output, the run's params or tags."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    sets = small(runs_root, "e2e", max_steps=30, checkpoint_every=10, log_every=5, lr=3e-3, warmup_steps=3)
+    sets = small(store, "e2e", max_steps=30, checkpoint_every=10, log_every=5, lr=3e-3, warmup_steps=3)
     sets.append(f"run.tracking_uri={mlflow_server.url}")
     entry = [sys.executable.replace(" ", "\\ "), "jobs/pretrain.py", "--config", "jobs/configs/t5_pegasus_tiny_cpu.yaml"]
     for s in sets:
@@ -166,9 +182,9 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
     (dataset,) = run.inputs.dataset_inputs  # the Dataset column: the shards, named by their fingerprint
-    shards = Path(run.data.params["data.shards"])
+    shards = Location.of(run.data.params["data.shards"])
     assert dataset.dataset.name == cfg.data.corpus and dataset.dataset.digest == shards.name[:36]
-    assert str(shards) in dataset.dataset.source and {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "train"
+    assert shards.uri.startswith(f"{cfg.run.root}/data/") and shards.uri in dataset.dataset.source and {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "train"
     # The export as an MLflow 3 logged model of the run, at its last step, holding the save_pretrained files,
     # which the server proxies.
     (output,) = run.outputs.model_outputs
@@ -178,14 +194,14 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow
 
     logged = Path(mlflow.artifacts.download_artifacts(model.artifact_location, dst_path=str(tmp_path / "logged"),
                                                       tracking_uri=cfg.tracking_uri))
-    exported = {p.name: p.read_bytes() for p in (Path(cfg.run_dir.path) / "model").iterdir()}
+    model_dir = (cfg.run_dir / "model").local_folder()  # the export, on S3
+    exported = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     assert {p.name: p.read_bytes() for p in logged.iterdir()} == exported and "config.json" in exported
     assert {"setup/deepspeed.json", "setup/vocab.txt", "setup/config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "setup")}
     metrics = client.get_run(run.info.run_id).data.metrics
     assert any(k.startswith("system/") for k in metrics)
     assert metrics["data/documents"] == 600 and metrics["data/examples"] > 0
-    model_dir = Path(cfg.run_dir.path) / "model"
     ours = from_pretrained(model_dir)
     from transformers import MT5ForConditionalGeneration
 
@@ -239,13 +255,13 @@ def _train_workers():
                        timeout=120)
 
 
-def test_killed_worker_resumes_from_checkpoint_with_identical_losses(uninterrupted_losses, runs_root):
+def test_killed_worker_resumes_from_checkpoint_with_identical_losses(uninterrupted_losses, store):
     def kill_one_worker():
         pid = _train_workers()[-1].pid
         os.kill(pid, signal.SIGKILL)
         return pid
 
-    cfg = load_config(CONFIG, small(runs_root, "faulty", **FAULT_RUN))
+    cfg = load_config(CONFIG, small(store, "faulty", **FAULT_RUN))
     losses, _ = _run_with_fault(cfg, kill_one_worker)
     assert losses == pytest.approx(uninterrupted_losses, rel=1e-5)
 
@@ -258,13 +274,12 @@ def _worker_node_of(pid: int):
     return int(found.group(1)) if found else None
 
 
-def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, s3_server, uninterrupted_losses,
-                                                                  tmp_path):
+def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, store, uninterrupted_losses):
     """A third node joins, the workers are spread over the nodes, and a node holding one of them is killed whole
     (raylet, agents, workers) mid-run: Ray marks it dead, Train restarts the group on the nodes left from the
-    last checkpoint, and the losses equal the uninterrupted run's. As on a cluster without a shared filesystem,
-    the run root is on object storage (a real S3 API): vocab, shards, checkpoints, MLflow artifacts and the
-    exported model are written there, nothing to a local run folder; MLflow's database is the one local file."""
+    last checkpoint, and the losses equal the uninterrupted run's. The restarted workers find the checkpoint on
+    S3; vocab, shards, checkpoints, MLflow artifacts and the exported model are there, nothing in a local run
+    folder: MLflow's database is the one local file."""
     import ray
 
     subprocess.run([str(ray_cluster.script), "add-node", "--cpus", "3"], env=ray_cluster.node_env, check=True,
@@ -279,17 +294,14 @@ def test_lost_worker_node_the_run_finishes_on_the_remaining_nodes(ray_cluster, s
                        capture_output=True)
         return node
 
-    root = f"s3://{s3_server.bucket}/{tmp_path.name}"
-    cfg = load_config(CONFIG, small(root, "node-lost", **FAULT_RUN, placement_strategy="SPREAD")
-                      + [f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    cfg = load_config(CONFIG, small(store, "node-lost", **FAULT_RUN, placement_strategy="SPREAD"))
     losses, _ = _run_with_fault(cfg, remove_a_worker_node)
     assert losses == pytest.approx(uninterrupted_losses, rel=1e-5)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the suite's cluster size again
-    run_root = Location.of(root)
-    written = run_root.files()
+    written = Location.of(store.root).files()
     assert {"vocab", "data", "checkpoints", "node-lost", "mlartifacts"} <= {name.split("/")[0] for name in written}
     assert "node-lost/model/config.json" in written and "node-lost/model/vocab.txt" in written
-    assert os.listdir(tmp_path) == ["mlflow.db"] and not Path("s3:").exists()
+    assert os.listdir(store.local) == ["mlflow.db"] and not Path("s3:").exists()
 
 
 
@@ -332,11 +344,12 @@ def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
     assert again["run_id"] == first["run_id"] == run.info.run_id
     assert run.data.tags["suformer.resumed_from"] == "step-00000012"
     assert [s for s, _ in history] == list(range(1, 17))
-    assert Path(again["checkpoint"]).name == "step-00000016"
+    assert Location.of(again["checkpoint"]).name == "step-00000016"
 
     # Ray Train's record of step 16 lost, and a node lost and not replaced: the run goes on from step 16 with one
     # worker, the global batch kept by grad_accum.
-    (Path(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json").unlink()
+    snapshot = Location.of(cfg.run.root) / "checkpoints" / cfg.run.name / "checkpoint_manager_snapshot.json"
+    snapshot.fs.delete_file(snapshot.path)
     fewer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 20, "num_workers": 1,
                                                                          "grad_accum": 2})})
     again = run_pretraining(fewer)
@@ -345,7 +358,7 @@ def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
     assert run.data.tags["suformer.resumed_from"] == "step-00000016"
     assert run.data.tags["suformer.resharded"] == "2 -> 1 workers"
     assert [s for s, _ in history] == list(range(1, 21))
-    assert json.loads((Path(again["checkpoint"]) / "train_state.json").read_text())["world_size"] == 1
+    assert json.loads((Location.of(again["checkpoint"]) / "train_state.json").read_text())["world_size"] == 1
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(uninterrupted):
@@ -358,16 +371,17 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(unint
 
     cfg, first, _ = uninterrupted
     before = from_pretrained(first["model_dir"]).state_dict()
-    latest = Path(first["checkpoint"])
+    latest = Location.of(first["checkpoint"])
     assert latest.name == "step-00000012" and (latest.parent / "step-00000008").is_dir()
-    victim = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    files = latest.files()
+    victim = max(files, key=files.get)  # the largest object of the checkpoint, cut in half in place
+    (latest / victim).write_bytes((latest / victim).read_bytes()[: files[victim] // 2])
 
     again = run_pretraining(cfg)
-    assert Path(again["checkpoint"]) == latest and checkpoint_problem(latest) is None
+    assert again["checkpoint"] == latest.uri and checkpoint_problem(latest) is None
     run, history = loss_history(cfg)
     assert run.data.tags["suformer.resumed_from"] == "step-00000008"
-    assert f"step-00000012 ({victim.relative_to(latest)} has" in run.data.tags["suformer.skipped_checkpoints"]
+    assert f"step-00000012 ({victim} has" in run.data.tags["suformer.skipped_checkpoints"]
     assert [s for s, _ in history] == list(range(1, 13))
     after = from_pretrained(again["model_dir"]).state_dict()
     for key, value in before.items():
@@ -405,10 +419,11 @@ def _model_with_a_damaged_token(zero_runs, out_dir):
 
     cfg, result = zero_runs[0]
     run = MlflowClient(cfg.tracking_uri).get_run(result["run_id"])
-    files = shard_files(run.data.params["data.shards"])  # worker r reads files[r::workers]
-    rows = [set(r["input_ids"]) | set(r["target_ids"]) for f in files for r in pq.read_table(f).to_pylist()]
+    shards = Location.of(run.data.params["data.shards"])
+    tables = [pq.read_table(f, filesystem=shards.fs) for f in shard_files(shards)]  # worker r reads [r::workers]
+    rows = [set(r["input_ids"]) | set(r["target_ids"]) for t in tables for r in t.to_pylist()]
     first_batches = set().union(*(set(r["input_ids"]) | set(r["target_ids"])
-                                  for f in files[:2] for r in pq.read_table(f).slice(0, 4).to_pylist()))
+                                  for t in tables[:2] for r in t.slice(0, 4).to_pylist()))
     frequency = {}
     for tokens in rows:
         for t in tokens:
@@ -419,7 +434,7 @@ def _model_with_a_damaged_token(zero_runs, out_dir):
     with torch.no_grad():
         model.shared.weight[token] = float("inf")
     model.save_pretrained(out_dir)
-    (Path(out_dir) / "vocab.txt").write_bytes((Path(result["model_dir"]) / "vocab.txt").read_bytes())
+    (Path(out_dir) / "vocab.txt").write_bytes((Location.of(result["model_dir"]) / "vocab.txt").read_bytes())
     return out_dir
 
 
@@ -432,12 +447,12 @@ def damaged_model(zero_runs, tmp_path_factory):
     return _model_with_a_damaged_token(zero_runs, tmp_path_factory.mktemp("damaged_model"))
 
 
-def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, runs_root):
+def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, store):
     from mlflow.tracking import MlflowClient
 
     from suformer.train.pretrain import run_pretraining
 
-    cfg = load_config(CONFIG, small(runs_root, "skip-nan", max_steps=6, checkpoint_every=3, max_failures=0,
+    cfg = load_config(CONFIG, small(store, "skip-nan", max_steps=6, checkpoint_every=3, max_failures=0,
                                     nonfinite_loss="skip", zero_stage=3) + [f"model.init_from={damaged_model}"])
     result = run_pretraining(cfg)
     run, history = loss_history(cfg)
@@ -445,16 +460,16 @@ def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, runs
     assert all(torch.isfinite(torch.tensor(v)) for _, v in history)
     skipped = MlflowClient(cfg.tracking_uri).get_metric_history(run.info.run_id, "train/nonfinite_skipped")
     assert max(m.value for m in skipped) > 0, "the damaged token never came up: no skip was exercised"
-    state = json.loads((Path(result["checkpoint"]) / "train_state.json").read_text())
+    state = json.loads((Location.of(result["checkpoint"]) / "train_state.json").read_text())
     assert state["nonfinite_skipped"] == max(m.value for m in skipped)
     exported = from_pretrained(result["model_dir"]).state_dict()
     assert _nonfinite_entries(exported) == exported["shared.weight"].shape[1], "a skipped NaN reached the weights"
 
 
-def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damaged_model, runs_root):
+def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damaged_model, store):
     from suformer.train.pretrain import TrainingStopped, run_pretraining
 
-    cfg = load_config(CONFIG, small(runs_root, "stop-nan", max_steps=20, checkpoint_every=1, max_failures=0,
+    cfg = load_config(CONFIG, small(store, "stop-nan", max_steps=20, checkpoint_every=1, max_failures=0,
                                     nonfinite_loss="stop") + [f"model.init_from={damaged_model}"])
     with pytest.raises(TrainingStopped, match=r"non-finite loss at step (\d+)") as stop:
         run_pretraining(cfg)
@@ -462,9 +477,10 @@ def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damage
     run, history = loss_history(cfg)
     assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["suformer.stopped"]
     assert [s for s, _ in history] == list(range(1, stopped_at))
-    checkpoints = sorted((Path(cfg.run.root) / "checkpoints" / "stop-nan").glob("step-*"))
-    assert checkpoints[-1].name == f"step-{stopped_at - 1:08d}" and str(checkpoints[-1]) in str(stop.value)
+    checkpoints = [c for c in (Location.of(cfg.run.root) / "checkpoints" / "stop-nan").folders()
+                   if c.name.startswith("step-")]
+    assert checkpoints[-1].name == f"step-{stopped_at - 1:08d}" and checkpoints[-1].uri in str(stop.value)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1]), tag="state")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1].local_folder()), tag="state")
     assert _nonfinite_entries(state) == state["shared.weight"].shape[1]  # only the damaged row

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..storage import Location
 from .roformer import RoFormerV2Config, RoFormerV2ForMaskedLM
 from .t5 import T5PegasusConfig, T5PegasusForConditionalGeneration
 
@@ -197,12 +198,16 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
 
 
 def from_pretrained(path, compat: Optional[str] = None, **overrides):
-    """Load a T5 PEGASUS (transformers MT5 layout) or RoFormerV2 (JunnYu layout) directory.
+    """Load a T5 PEGASUS (transformers MT5 layout) or RoFormerV2 (JunnYu layout) directory: a local path or a URI
+    (`s3://bucket/runs/<name>/model`, copied once into the temp dir).
 
     `compat` applies to T5: "bert4keras" (default: the model as trained) or "hf" (exactly transformers' MT5).
     `overrides` replace config fields, e.g. attention_backend="reference" or dropout=0.0.
     """
-    path = Path(path)
+    try:
+        path = Location.of(path).local_folder()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{config_file}: not found")

@@ -60,7 +60,7 @@ def build_model_for(cfg: FinetuneConfig, task: Task, tokenizer: Tokenizer) -> to
     # The gradient penalty differentiates through attention twice: only the reference backend can.
     backend = "reference" if cfg.tricks.adversarial == "gradient_penalty" else m.attention_backend
     overrides = {"dropout": m.dropout, **({"attention_backend": backend} if backend else {})}
-    encoder = from_pretrained(Location.of(m.init_from).local_folder(), **overrides) if m.init_from else \
+    encoder = from_pretrained(m.init_from, **overrides) if m.init_from else \
         build_model(m.family, m.preset, vocab_size=len(tokenizer), **overrides)
     model = task.head(encoder, tokenizer)
     if cfg.tricks.lora_r:

@@ -34,3 +34,12 @@ def load_deepspeed_ops(names: list[str]) -> None:
             fcntl.flock(held, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)  # under the flock, nobody is building: a leftover
             builder.load(verbose=False)
+
+
+if __name__ == "__main__":  # `make setup`: build this machine's ops once, before a first run waits for them
+    import torch
+
+    from .deepspeed_config import deepspeed_process_settings
+
+    deepspeed_process_settings(torch.cuda.is_available())
+    load_deepspeed_ops(ops_for(torch.cuda.is_available(), offload_optimizer=False))
