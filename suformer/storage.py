@@ -97,9 +97,11 @@ class Location:
 
     def files(self) -> dict[str, int]:
         """Every file under this folder, recursively: {path relative to it: size}; empty when there is none."""
+        return {posixpath.relpath(info.path, self.path): info.size for info in self._file_infos()}
+
+    def _file_infos(self) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
-        return {posixpath.relpath(info.path, self.path): info.size
-                for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File}
+        return [info for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
 
     def folders(self) -> list["Location"]:
         """The folders directly in this one, sorted by name."""
@@ -128,16 +130,22 @@ class Location:
                                 destination_filesystem=pafs.LocalFileSystem())
         return Path(local_dir)
 
+    def _cache_path(self, identity: str) -> Path:
+        """Where the temp dir keeps a copy of this remote file or folder, keyed by its identity: a changed one is
+        copied again."""
+        return Path(tempfile.gettempdir(), "suformer-files", hashlib.sha256(identity.encode()).hexdigest()[:16],
+                    self.name)
+
     def local_folder(self) -> Path:
         """This folder as a local path: itself when local, else a copy cached in the temp dir under its identity
-        (URI, file names and sizes), so each process of a node downloads a changed folder once."""
+        (URI, file names, sizes and modification times: a folder written again with files of the same sizes, as
+        a re-run's export is, is a new folder), so each process of a node downloads a changed folder once."""
         if self.is_local:
             return Path(self.path)
-        files = self.files()
-        if not files:
+        infos = self._file_infos()
+        if not infos:
             raise FileNotFoundError(self.uri)
-        key = hashlib.sha256(json.dumps([self.uri, sorted(files.items())]).encode()).hexdigest()[:16]
-        cached = Path(tempfile.gettempdir()) / "suformer-files" / key / self.name
+        cached = self._cache_path(json.dumps([self.uri, sorted((i.path, i.size, i.mtime_ns) for i in infos)]))
         if not cached.is_dir():
             partial = self.download(cached.with_name(f"{cached.name}.{os.getpid()}.partial"))
             try:
@@ -154,8 +162,7 @@ class Location:
         info = self.fs.get_file_info(self.path)
         if info.type != pafs.FileType.File:
             raise FileNotFoundError(self.uri)
-        key = hashlib.sha256(f"{self.uri}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:16]
-        cached = Path(tempfile.gettempdir()) / "suformer-files" / key / self.name
+        cached = self._cache_path(f"{self.uri}|{info.size}|{info.mtime_ns}")
         if not cached.is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_name(f"{cached.name}.{os.getpid()}.partial")

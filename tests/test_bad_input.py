@@ -3,6 +3,7 @@ past the preflight's sample, damaged prepared shards (left as they are and rebui
 do not fit `model.init_from`."""
 import json
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,6 +109,15 @@ def test_init_from_on_object_storage_gives_the_same_model_and_vocab(s3_server, t
                                          "data": {"objective": "mlm"}})
     built, local = build(cfg, model.config.vocab_size).state_dict(), from_pretrained(tmp_path / "model").state_dict()
     assert built.keys() == local.keys() and all(torch.equal(built[k], local[k]) for k in local)
+    # The folder written again with files of the same sizes (a re-run's export): the node's copy is not reused.
+    time.sleep(1.1)  # object stores keep modification times to the second
+    again = build_model("roformer_v2", "tiny", vocab_size=len(vocab.splitlines()))
+    again.save_pretrained(tmp_path / "again")
+    (tmp_path / "again" / "vocab.txt").write_text(vocab, encoding="utf-8")
+    remote.upload(tmp_path / "again")
+    reloaded, fresh = from_pretrained(remote.uri).state_dict(), again.state_dict()
+    assert not all(torch.equal(fresh[k], local[k]) for k in local)
+    assert all(torch.equal(reloaded[k], fresh[k]) for k in fresh)
     with pytest.raises(DataError, match="is not a save_pretrained directory"):
         vocab_for_init(f"s3://{s3_server.bucket}/init-from-{os.getpid()}/nothing-here", None)
 
