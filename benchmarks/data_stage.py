@@ -167,14 +167,16 @@ def main():
                 rate = r["tokens"] / r["seconds"] / args.cpus
                 rows.append((f"{size:g} MB", f"{objective}, {args.cpus} CPUs", f"{rate:,.0f} tok/s/core, "
                              f"{r['examples']:,} examples, {r['seconds']:.1f} s", r["peak_rss_mb"]))
-        largest = tmp / f"root-{max(args.sizes_mb):g}-mlm" / "data"
-        resume_rows = first_batch_after_resume([Path(f) for f in shard_files(next(largest.iterdir()))])
+        largest = tmp / f"root-{max(args.sizes_mb):g}-mlm" / "data"  # the resume rows: on MLM shards, if made
+        resume_rows = first_batch_after_resume([Path(f) for f in shard_files(next(largest.iterdir()))]) \
+            if largest.is_dir() else []
     print(f"| {'corpus':<8} | {'data stage':<42} | {'throughput':<46} | {'driver peak RSS':>15} |")
     print(f"|{'-' * 10}|{'-' * 44}|{'-' * 48}|{'-' * 17}|")
     for corpus, what, rate, rss in rows:
         print(f"| {corpus:<8} | {what:<42} | {rate:<46} | {rss:>12,.0f} MB |")
-    print(f"\n| {'resume of worker 0 of 2 at':<28} | {'first batch after':<52} | {'seconds':>8} |")
-    print(f"|{'-' * 30}|{'-' * 54}|{'-' * 10}|")
+    if resume_rows:
+        print(f"\n| {'resume of worker 0 of 2 at':<28} | {'first batch after':<52} | {'seconds':>8} |")
+        print(f"|{'-' * 30}|{'-' * 54}|{'-' * 10}|")
     for at, what, seconds in resume_rows:
         print(f"| {at:<28} | {what:<52} | {seconds:>8.3f} |")
 
