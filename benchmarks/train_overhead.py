@@ -64,6 +64,7 @@ def measure(root: str, steps: int, threads: int) -> dict:
         f"run.root={root}", f"run.name=overhead-{threads}", "train.num_workers=1", f"train.cpus_per_worker={threads}",
         "train.zero_stage=2", f"train.max_steps={steps}", "train.log_every=10",
         f"train.checkpoint_every={steps}", "train.samples_to_log=0", "data.max_documents=3000",
+        "data.validation_examples=0",
     ])
     result = run_pretraining(cfg)
     client = MlflowClient(result["tracking_uri"])

@@ -69,6 +69,9 @@ class DataSection(_Strict):
     max_len: int = Field(512, ge=8)
     mask_rate: float = Field(0.15, gt=0.0, lt=1.0)
     rows_per_shard: int = Field(2000, gt=0)
+    # Held out for val/loss, never trained on: the fewest last shard files holding this many examples (0: no
+    # validation). How the shards are read, not how they are made: not part of their fingerprint.
+    validation_examples: int = Field(1000, ge=0)
     seed: int = 0
 
 
@@ -102,6 +105,7 @@ class TrainSection(_Strict):
     seed: int = 0
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1)  # steps between validations; None: at every checkpoint
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=-1)
     samples_to_log: int = Field(4, ge=0)
@@ -128,7 +132,7 @@ class RunSection(_Strict):
 # DeepSpeed universal checkpoint, and grad_accum can keep the global batch, micro_batch_size x grad_accum x workers.)
 RESUBMIT_MUTABLE = frozenset({
     "train.max_steps", "train.max_failures", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.samples_to_log", "train.nonfinite_loss", "train.max_nonfinite_skips", "train.num_workers",
+    "train.samples_to_log", "train.eval_every", "train.nonfinite_loss", "train.max_nonfinite_skips", "train.num_workers",
     "train.grad_accum", "run.root", "run.tracking_uri", "data.shards",
 })
 

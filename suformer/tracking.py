@@ -60,21 +60,24 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, tags: Optional[d
 class MetricLogger:
     """Rank 0's metric sink: batches metrics, skips steps the run already has."""
 
-    def __init__(self, tracking_uri: str, run_id: str, history_key: str = "train/loss"):
-        """`history_key`: the metric logged at every step, read back to find the run's last step."""
+    def __init__(self, tracking_uri: str, run_id: str, history_keys: tuple[str, ...] = ("train/loss",)):
+        """`history_keys`: one metric of each set logged together (train/loss for the training window, val/loss
+        for a validation), read back to find the last step each set was logged at: a resumed attempt replays
+        steps, and logs each set once per step."""
         from mlflow.entities import Metric
 
         self._metric = Metric
         self.client, self.run_id = _client(tracking_uri), run_id
-        history = self.client.get_metric_history(run_id, history_key)
-        self.last_step = max((m.step for m in history), default=-1)
+        self.last_steps = {key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
+                           for key in history_keys}
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop/"no GPU" INFO lines
 
         # CPU/memory/disk/network (and GPU with pynvml) of rank 0's node every 10 s, continuing after a restart.
-        self.system = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=self.last_step >= 0,
-                                           node_id="rank0", tracking_uri=tracking_uri)
+        resumed = max(self.last_steps.values()) >= 0
+        self.system = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed, node_id="rank0",
+                                           tracking_uri=tracking_uri)
         self.system.start()
 
     def close(self) -> None:
@@ -85,12 +88,15 @@ class MetricLogger:
         self.system.finish()
 
     def log(self, step: int, metrics: dict[str, float], replayed_steps: str = "skip") -> None:
-        """`replayed_steps="log"` for metrics that belong to a step already logged (a final summary)."""
-        if step <= self.last_step and replayed_steps == "skip":
+        """`metrics` holds one of the history keys; `replayed_steps="log"` for metrics that belong to a step
+        already logged (a final summary)."""
+        (key,) = [k for k in self.last_steps if k in metrics] if replayed_steps == "skip" else [None]
+        if key is not None and step <= self.last_steps[key]:
             return
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[self._metric(k, float(v), now, step) for k, v in metrics.items()])
-        self.last_step = max(step, self.last_step)
+        if key is not None:
+            self.last_steps[key] = step
 
 
 def log_params(tracking_uri: str, run_id: str, params: dict, mutable: frozenset = frozenset()) -> None:

@@ -46,13 +46,13 @@ def small(store, name, **train):
     """The default CPU config, shrunk to seconds: 600 documents, a few steps, every step logged."""
     sets = [f"data.corpus={store.corpus}", "data.txt_documents=line", f"run.root={store.root}",
             f"run.tracking_uri={store.tracking_uri}", f"run.name={name}", "data.max_documents=600",
-            "data.rows_per_shard=40", "data.vocab_size=3000", "train.log_every=1", "train.samples_to_log=1",
+            "data.rows_per_shard=40", "data.validation_examples=20", "data.vocab_size=3000", "train.log_every=1", "train.samples_to_log=1",
             "train.micro_batch_size=4"]
     sets += [f"train.{k}={v}" for k, v in train.items()]
     return sets
 
 
-def loss_history(cfg, run_id=None):
+def loss_history(cfg, metric="train/loss"):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cfg.tracking_uri)
@@ -60,7 +60,7 @@ def loss_history(cfg, run_id=None):
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`suformer.run_name` = '{cfg.run.name}'")
     assert len(runs) == 1, f"expected one MLflow run named {cfg.run.name}, found {len(runs)}"
     run = runs[0]
-    history = client.get_metric_history(run.info.run_id, "train/loss")
+    history = client.get_metric_history(run.info.run_id, metric)
     return run, sorted((m.step, m.value) for m in history)
 
 
@@ -96,9 +96,47 @@ def test_each_zero_stage_trains_checkpoints_and_exports(zero_runs, stage):
     assert Location.of(result["checkpoint"]).name == "step-00000012"
     model = from_pretrained(result["model_dir"])
     assert model.config.vocab_size == 3000
-    # Every stage computes the same function: same losses as plain data parallel (stage 0).
+    # Every stage computes the same function: same losses as plain data parallel (stage 0), in training and on
+    # the held-out examples at every checkpoint.
     _, reference = loss_history(zero_runs[0][0])
     assert [v for _, v in history] == pytest.approx([v for _, v in reference], rel=1e-4)
+    _, validation = loss_history(cfg, "val/loss")
+    assert [s for s, _ in validation] == [4, 8, 12]
+    assert [v for _, v in validation] == pytest.approx([v for _, v in loss_history(zero_runs[0][0], "val/loss")[1]],
+                                                       rel=1e-4)
+
+
+def test_validation_loss_is_the_exported_models_loss_on_the_held_out_examples(zero_runs):
+    """The ZeRO-3 run (its 20 held-out examples make 5 micro-batches for 2 ranks: one rank runs a spare forward
+    it does not count) against the exported model's loss on the same examples one at a time (no padding), with
+    its own cross-entropy: the last shard files up to 20 rows, which no worker trained on."""
+    import pyarrow.parquet as pq
+    import torch.nn.functional as F
+    from mlflow.tracking import MlflowClient
+
+    from suformer.train.batches import collate
+
+    cfg, result = zero_runs[3]
+    run, validation = loss_history(cfg, "val/loss")
+    shards = Location.of(run.data.params["data.shards"])
+    files, held = shard_files(shards), []
+    while len(held) < 20:
+        held = pq.read_table(files.pop(), filesystem=shards.fs).to_pylist() + held
+    assert int(run.data.params["data.validation_rows"]) == len(held) >= 20
+    model = from_pretrained(result["model_dir"])
+    loss_sum = correct = predicted = 0
+    with torch.no_grad():
+        for row in held[:20]:
+            batch = collate(cfg.data.objective, [row])
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+            labels = batch["labels"][0]
+            loss_sum += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+            correct += int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
+            predicted += int((labels != -100).sum())
+    assert validation[-1] == (12, pytest.approx(loss_sum / predicted, rel=1e-4))
+    accuracy = MlflowClient(cfg.tracking_uri).get_metric_history(run.info.run_id, "val/token_accuracy")
+    # other batching, other float rounding: a near-tie may flip one token's argmax
+    assert max(accuracy, key=lambda m: m.step).value == pytest.approx(correct / predicted, abs=1.01 / predicted)
 
 
 def test_exported_weights_equal_across_zero_stages(zero_runs):
@@ -169,8 +207,10 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow
     assert run.data.tags["suformer.resumed_from"] in ("step-00000010", "step-00000020")
     assert [s for s, _ in history] == [5, 10, 15, 20, 25, 30]  # each step once
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.family"] == "t5_pegasus"
-    losses = [v for _, v in history]
-    assert losses[-1] < losses[0] - 0.2 and losses == sorted(losses, reverse=True), history  # visibly falling
+    losses = [v for _, v in history]  # visibly falling, in training and on the held-out examples
+    assert losses[-1] < losses[0] - 0.2 and sum(losses[3:]) < sum(losses[:3]) - 0.6, history
+    validation = [v for _, v in loss_history(cfg, "val/loss")[1]]
+    assert len(validation) == 3 and validation[-1] < validation[0], validation
     recorded = list(run.data.params.values()) + list(run.data.tags.values())
     assert not any(mlflow_server.password in str(value) for value in recorded)
     from mlflow.tracking import MlflowClient
@@ -201,7 +241,8 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow
         a.path for a in client.list_artifacts(run.info.run_id, "setup")}
     metrics = client.get_run(run.info.run_id).data.metrics
     assert any(k.startswith("system/") for k in metrics)
-    assert metrics["data/documents"] == 600 and metrics["data/examples"] > 0
+    assert metrics["data/documents"] == 600 and metrics["data/examples"] > 0 and metrics["val/loss"] > 0
+    assert "[suformer] step 30/30 | val loss" in proc.stdout
     ours = from_pretrained(model_dir)
     from transformers import MT5ForConditionalGeneration
 
@@ -255,7 +296,7 @@ def _train_workers():
                        timeout=120)
 
 
-def test_killed_worker_resumes_from_checkpoint_with_identical_losses(uninterrupted_losses, store):
+def test_killed_worker_resumes_from_checkpoint_with_identical_losses(uninterrupted, store):
     def kill_one_worker():
         pid = _train_workers()[-1].pid
         os.kill(pid, signal.SIGKILL)
@@ -263,7 +304,10 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_losses(uninterrupt
 
     cfg = load_config(CONFIG, small(store, "faulty", **FAULT_RUN))
     losses, _ = _run_with_fault(cfg, kill_one_worker)
-    assert losses == pytest.approx(uninterrupted_losses, rel=1e-5)
+    assert losses == pytest.approx(uninterrupted[2], rel=1e-5)
+    # and the held-out losses, the step-4 one from before the kill included (evaluating draws no random numbers)
+    validation = [v for _, v in loss_history(cfg, "val/loss")[1]]
+    assert validation == pytest.approx([v for _, v in loss_history(uninterrupted[0], "val/loss")[1]], rel=1e-5)
 
 
 def _worker_node_of(pid: int):
@@ -317,7 +361,8 @@ def test_roformer_v2_objectives_train_and_export(ray_cluster, roformer_root, tmp
     from suformer.train.pretrain import run_pretraining
 
     sets = [f"run.root={roformer_root}", f"run.name=roformer-{objective}", f"data.objective={objective}",
-            "data.max_documents=400", "data.rows_per_shard=40", "data.vocab_size=2000", "data.max_len=96",
+            "data.max_documents=400", "data.rows_per_shard=40", "data.validation_examples=20",
+            "data.vocab_size=2000", "data.max_len=96",
             "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "train.micro_batch_size=4",
             "train.samples_to_log=1"]
     cfg = load_config(str(REPO / "jobs" / "configs" / "roformer_v2_tiny_cpu.yaml"), sets)

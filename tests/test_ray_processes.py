@@ -39,7 +39,8 @@ def test_a_job_leaves_no_ray_process_of_its_own_behind_and_joins_no_other_instan
     """The session's cluster runs on this machine too: a job without RAY_ADDRESS starts its own instance beside
     it (before, ray.init joined it and failed on num_cpus)."""
     env = {k: v for k, v in ray_cluster.env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    sets = [f"run.root={tmp_path}", "data.max_documents=600", "data.rows_per_shard=40", "train.max_steps=500"]
+    sets = [f"run.root={tmp_path}", "data.max_documents=600", "data.validation_examples=20", "data.rows_per_shard=40",
+            "train.max_steps=500"]
     if ending.startswith("exit 2"):  # one shard cannot feed two workers: found after the data stage ran on Ray
         sets[-2] = "data.rows_per_shard=100000"
     argv = [sys.executable, "jobs/pretrain.py"] + [a for s in sets for a in ("--set", s)]

@@ -1,4 +1,5 @@
-"""MLflow bookkeeping under the concurrency a sweep creates: several trial processes writing to one store."""
+"""MLflow bookkeeping: several trial processes writing to one store, as a sweep's do; a resumed attempt logging
+each step once."""
 import multiprocessing
 
 from suformer import tracking
@@ -42,3 +43,32 @@ def test_runs_logging_the_same_new_dataset_at_once_all_record_it(tmp_path):
     for run_id in runs:
         logged = client.get_run(run_id).inputs.dataset_inputs
         assert sorted(d.dataset.digest for d in logged) == sorted(f"round-{r}" for r in range(ROUNDS))
+
+
+def test_a_resumed_attempt_logs_each_set_of_metrics_once_per_step(tmp_path):
+    """Training windows and validations are logged at the same steps; an attempt resumed from step 2 replays
+    steps 3-4, whose training metrics the first attempt logged but whose validation (step 4) it did not."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("resume")).info.run_id
+    keys = ("train/loss", "val/loss")
+    first = tracking.MetricLogger(uri, run_id, keys)
+    for step in (1, 2, 3, 4):
+        first.log(step, {"train/loss": 10.0 - step, "train/lr": 0.1})
+    first.log(2, {"val/loss": 9.0})  # the attempt dies before its step-4 validation
+    first.close()
+    again = tracking.MetricLogger(uri, run_id, keys)
+    for step in (3, 4, 5):
+        again.log(step, {"train/loss": 20.0 - step, "train/lr": 0.2})
+        if step % 2 == 0:
+            again.log(step, {"val/loss": 19.0})
+    again.close()
+
+    def history(key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    assert history("train/loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (5, 15.0)]
+    assert history("train/lr") == [(1, 0.1), (2, 0.1), (3, 0.1), (4, 0.1), (5, 0.2)]
+    assert history("val/loss") == [(2, 9.0), (4, 19.0)]

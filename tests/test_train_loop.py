@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from suformer.train.batches import StreamPosition, collate, micro_batches, redeal
-from suformer.train.loop import step_sums
+from suformer.train.batches import StreamPosition, micro_batches, redeal, step_sums
+from suformer.train.validation import Validation, split_validation
 
 
 def test_step_sums_count_what_argmax_counts():
@@ -61,6 +61,24 @@ def _rest_of_epoch(files, position, rank, world, micro=3):
         if after.epoch != position.epoch:
             return seen
         seen += _examples(batch)
+
+
+def test_validation_holds_out_the_fewest_last_files_that_hold_its_examples():
+    files, rows = ["a", "b", "c", "d"], [40, 30, 20, 25]
+    assert split_validation(files, rows, 0) == (files, [])
+    assert split_validation(files, rows, 25) == (["a", "b", "c"], ["d"])
+    assert split_validation(files, rows, 26) == (["a", "b"], ["c", "d"])
+    assert split_validation(files, rows, 1000) == ([], files)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_validation_shares_cover_the_held_out_examples_once_with_equal_forwards_per_rank(tmp_path, world):
+    files = _shards(tmp_path, [10, 7])  # 15 examples wanted: all of file 0, the first 5 of file 1
+    shares = [Validation(files, 15, pafs.LocalFileSystem(), "pegasus", 4, rank, world) for rank in range(world)]
+    seen = sorted(e for share in shares for batch in share.batches for e in _examples(batch))
+    assert seen == sorted([(0, r) for r in range(10)] + [(1, r) for r in range(5)])
+    assert len({share.forwards for share in shares}) == 1  # ZeRO-3 gathers parameters in every forward
+    assert all(len(share.batches) <= share.forwards and share.spare["input_ids"].shape[0] > 0 for share in shares)
 
 
 @pytest.mark.parametrize("worlds", [(2, 1), (2, 3), (3, 2, 1), (1, 4)])

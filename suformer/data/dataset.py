@@ -127,7 +127,7 @@ def _raise_data_error(error: BaseException) -> None:
 def data_fingerprint(data: DataSection, vocab: Location, files: list[CorpusFile]) -> str:
     """Same files (path, size, modification time) + same data settings + same vocab -> same shards directory, so a
     resubmitted run reuses them and an edited or added file makes new ones."""
-    digest = hashlib.sha256(json.dumps(data.model_dump(), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(data.model_dump(exclude={"validation_examples"}), sort_keys=True).encode())
     digest.update(vocab.read_bytes())
 
     for file in files:
@@ -399,6 +399,12 @@ def _shards_problem(directory: Location) -> Optional[str]:
 
 def shard_files(directory) -> list[str]:
     """The shard files a ready shards directory names, in order, as its filesystem names them."""
+    return list(shard_rows(directory))
+
+
+def shard_rows(directory) -> dict[str, int]:
+    """{shard file: rows} of a ready shards directory, in order, the files as its filesystem names them."""
     directory = Location.of(directory)
-    return [(directory / name).path for name in json.loads((directory / READY).read_text())["shard_rows"]]
+    return {(directory / name).path: rows
+            for name, rows in json.loads((directory / READY).read_text())["shard_rows"].items()}
 

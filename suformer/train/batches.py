@@ -1,4 +1,5 @@
-"""A worker's shard files -> padded micro-batches, with an exact position to resume from in O(1).
+"""A worker's shard files -> padded micro-batches, with an exact position to resume from in O(1), and the metric
+sums of a micro-batch.
 
 Worker r of W reads shard files r, r + W, r + 2W, ... (the shards were shuffled when they were written) in order,
 cycling epochs, straight from Parquet with pyarrow and a background thread reading ahead. The position is
@@ -24,6 +25,7 @@ from typing import Iterator, Optional
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
 
 from ..data.objectives import OBJECTIVES
 
@@ -61,6 +63,26 @@ class StreamPosition:
 def collate(objective: str, rows: list[dict]) -> dict:
     """Dynamic padding to the longest row, as the objective lays out its inputs and labels."""
     return OBJECTIVES[objective].collate(rows)
+
+
+@torch.no_grad()
+def step_sums(loss: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[loss x predicted tokens, correctly predicted tokens, predicted tokens, input tokens] of one micro-batch,
+    float64 on the device (summed over a logging window, read once).
+
+    A token counts as correct when its label's logit is the row's maximum. That is argmax == label without the
+    index search: on CPU a max over the vocabulary costs a fifteenth of an argmax, which was ~4% of a tiny model's
+    step. The two differ only when the label ties another token for the maximum exactly.
+    """
+    labels = batch["labels"]
+    predicted = labels != -100
+    label_logit = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    correct = ((label_logit >= logits.amax(-1)) & predicted).sum()
+    inputs = (batch["input_ids"] != 0).sum()
+    if "decoder_input_ids" in batch:
+        inputs = inputs + (batch["decoder_input_ids"] != 0).sum()
+    n = predicted.sum()
+    return torch.stack([loss.detach() * n, correct, n, inputs]).double()
 
 
 def _epoch_groups(files: list[tuple[str, int]], fs: pafs.FileSystem, at: StreamPosition,

@@ -210,7 +210,7 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
                                                         tricks.sparse_softmax_k)
         return lambda: model(**batch).loss
 
-    logger = tracking.MetricLogger(cfg.tracking_uri, run_id, history_key=f"dev/{task.metric}") if run_id else None
+    logger = tracking.MetricLogger(cfg.tracking_uri, run_id, history_keys=(f"dev/{task.metric}",)) if run_id else None
     best, best_state, metrics = -math.inf, None, {}
     model.train()
     for epoch in range(1, t.epochs + 1):

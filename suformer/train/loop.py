@@ -20,11 +20,12 @@ import torch.distributed as dist
 from ..config import PretrainConfig
 from ..models import build_model, from_pretrained
 from ..storage import Location
-from .batches import StreamPosition, micro_batches
+from .batches import StreamPosition, micro_batches, step_sums
 from .deepspeed_config import deepspeed_config, deepspeed_process_settings
 from .jit_ops import load_deepspeed_ops, ops_for
 from .run_checkpoints import (checkpoints_newest_first, newest_complete, prune_unregistered_checkpoints, restore,
                               save_checkpoint)
+from .validation import Validation
 
 STOPPED_TAG = "suformer.stopped"  # MLflow tag: why the workers stopped the run on purpose
 # Dense bf16 tensor-core peak (FLOP/s) by device name, for MFU.
@@ -76,26 +77,6 @@ def _finite_on_every_rank(loss: torch.Tensor) -> bool:
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)
     dist.all_reduce(bad)
     return bad.item() == 0
-
-
-@torch.no_grad()
-def step_sums(loss: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """[loss x predicted tokens, correctly predicted tokens, predicted tokens, input tokens] of one micro-batch,
-    float64 on the device (summed over a logging window, read once).
-
-    A token counts as correct when its label's logit is the row's maximum. That is argmax == label without the
-    index search: on CPU a max over the vocabulary costs a fifteenth of an argmax, which was ~4% of a tiny model's
-    step. The two differ only when the label ties another token for the maximum exactly.
-    """
-    labels = batch["labels"]
-    predicted = labels != -100
-    label_logit = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    correct = ((label_logit >= logits.amax(-1)) & predicted).sum()
-    inputs = (batch["input_ids"] != 0).sum()
-    if "decoder_input_ids" in batch:
-        inputs = inputs + (batch["decoder_input_ids"] != 0).sum()
-    n = predicted.sum()
-    return torch.stack([loss.detach() * n, correct, n, inputs]).double()
 
 
 def _say(line: str) -> None:
@@ -153,12 +134,15 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             _say(f"resumed from checkpoint at step {step}")
 
-    logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    logger = MetricLogger(config["tracking_uri"], config["run_id"], ("train/loss", "val/loss")) if rank == 0 else None
     if logger and resume:  # where this attempt started, visible in the MLflow UI
         for key, value in resume.tags.items():
             logger.client.set_tag(logger.run_id, key, value)
     stream = micro_batches(shards, rank, world, cfg.data.objective, t.micro_batch_size, t.max_tokens_per_batch,
                            position, fs)
+    validation = Validation(config["validation_files"], cfg.data.validation_examples, fs, cfg.data.objective,
+                            t.micro_batch_size, rank, world) if config["validation_files"] else None
+    eval_every = t.eval_every or t.checkpoint_every
     peak = next((v for k, v in PEAK_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
     flops_per_token = _flops_per_token(engine.module)
     # loss x tokens, correct, predicted tokens, input tokens: summed on the device, read once per logging window
@@ -226,6 +210,16 @@ def train_loop_per_worker(config: dict) -> None:
                      f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
             window.zero_()
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+
+        if validation and (step % eval_every == 0 or step == t.max_steps):
+            started = time.perf_counter()
+            metrics = validation.evaluate(engine, device)
+            metrics["val/seconds"] = time.perf_counter() - started
+            if logger:
+                logger.log(step, metrics)
+                _say(f"step {step}/{t.max_steps} | val loss {metrics['val/loss']:.4f} | "
+                     f"val acc {metrics['val/token_accuracy']:.3f} | {metrics['val/seconds']:.1f} s")
+            window_start += metrics["val/seconds"]  # not counted as training time in tokens/s
 
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from ..config import RESUBMIT_MUTABLE, PretrainConfig
 from ..data.corpus import DataError, preflight
-from ..data.dataset import READY, ensure_vocab, prepare_shards, shard_files
+from ..data.dataset import READY, ensure_vocab, prepare_shards, shard_rows
 from ..data.objectives import OBJECTIVES
 from ..ray_connect import connect_or_start
 from ..storage import Location
@@ -29,6 +29,7 @@ from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config, deepspeed_process_settings
 from .loop import STOPPED_TAG, build, train_loop_per_worker
 from .run_checkpoints import CHECKPOINT_TAG
+from .validation import split_validation
 
 class TrainingStopped(RuntimeError):
     """The workers stopped the run on purpose (a non-finite loss); the latest checkpoint is the last good state."""
@@ -57,8 +58,9 @@ def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> 
     return out_dir
 
 
-def _samples(cfg: PretrainConfig, model_dir: Path, shards: Location, count: int) -> str:
-    """A few generations (T5) or MLM predictions (RoFormerV2) of the exported model on the first examples."""
+def _samples(cfg: PretrainConfig, model_dir: Path, file: str, fs, count: int) -> str:
+    """A few generations (T5) or MLM predictions (RoFormerV2) of the exported model on the first examples of
+    `file` (a held-out one when there is validation)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -67,7 +69,7 @@ def _samples(cfg: PretrainConfig, model_dir: Path, shards: Location, count: int)
 
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = from_pretrained(model_dir)
-    rows = pq.read_table(shard_files(shards)[0], filesystem=shards.fs).slice(0, count).to_pylist()
+    rows = pq.read_table(file, filesystem=fs).slice(0, count).to_pylist()
     lines = []
     for row in rows:
         batch = collate(cfg.data.objective, [row])
@@ -99,13 +101,18 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
     vocab = ensure_vocab(cfg.data, root, cfg.model.init_from, corpus)
     tokenizer = Tokenizer(vocab.local_file(), pre_tokenize=OBJECTIVES[cfg.data.objective].pre_tokenize)
     shards = prepare_shards(cfg.data, vocab, root, corpus)
-    files = shard_files(shards)
+    rows = shard_rows(shards)
+    files, held_out = split_validation(list(rows), list(rows.values()), cfg.data.validation_examples)
     stats = json.loads((shards / READY).read_text())
     if len(files) < cfg.train.num_workers:
-        raise DataError(f"data: {len(files)} shards cannot feed train.num_workers={cfg.train.num_workers}; "
-                        "lower data.rows_per_shard or train.num_workers")
+        raise DataError(f"data: {len(files)} shards to train on (of {len(rows)}, data.validation_examples="
+                        f"{cfg.data.validation_examples} holding out {len(held_out)}) cannot feed train.num_workers="
+                        f"{cfg.train.num_workers}; lower data.rows_per_shard, data.validation_examples or "
+                        "train.num_workers")
+    validation_rows = sum(rows[f] for f in held_out)
     print(f"[suformer] data: {stats['documents']} documents -> {stats['examples']} examples in "
-          f"{stats['shards']} shards at {shards}", flush=True)
+          f"{stats['shards']} shards at {shards}"
+          + (f"; {validation_rows} held out for validation ({len(held_out)} shards)" if held_out else ""), flush=True)
     repaired = {k: v for k, v in stats.items() if k.startswith(("skipped", "undecodable", "documents_with")) and v}
     if repaired:
         print(f"[suformer] data: skipped or repaired (also in MLflow as data/*): {repaired}", flush=True)
@@ -114,7 +121,8 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
     run_id, resumed = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, run_root=root,
                                         tags={"model.family": cfg.model.family, "data.objective": cfg.data.objective})
     tracking.log_params(uri, run_id, {k: v for k, v in {**cfg.flat(), "data.shards": shards.uri,
-                                                         "data.examples": stats["examples"]}.items()},
+                                                         "data.examples": stats["examples"],
+                                                         "data.validation_rows": validation_rows}.items()},
                         mutable=RESUBMIT_MUTABLE)
     # Documents, examples and what the data stage skipped or repaired (empty, over-long, NUL, invalid UTF-8).
     tracking.log_counts(uri, run_id, {k: v for k, v in stats.items() if isinstance(v, int)}, prefix="data/")
@@ -134,7 +142,8 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_id": run_id, "tracking_uri": uri,
                            "vocab_size": len(tokenizer), "checkpoints": (storage / cfg.run.name).uri,
-                           "shards": shards.uri, "shard_files": files},
+                           "shards": shards.uri, "shard_files": files,
+                           "validation_files": held_out},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement_strategy),
@@ -162,7 +171,8 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
         tracking.log_model(uri, run_id, str(exported), name=cfg.run.name, step=cfg.train.max_steps,
                            model_type=cfg.model.family)
         if cfg.train.samples_to_log:
-            tracking.log_text(uri, run_id, _samples(cfg, exported, shards, cfg.train.samples_to_log), "samples.txt")
+            samples = _samples(cfg, exported, (held_out or files)[0], shards.fs, cfg.train.samples_to_log)
+            tracking.log_text(uri, run_id, samples, "samples.txt")
         model_dir.upload(exported)
     tracking.finish_run(uri, run_id)
     return {"run_id": run_id, "model_dir": model_dir.uri, "tracking_uri": uri,
