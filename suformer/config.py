@@ -132,8 +132,8 @@ class RunSection(_Strict):
 # DeepSpeed universal checkpoint, and grad_accum can keep the global batch, micro_batch_size x grad_accum x workers.)
 RESUBMIT_MUTABLE = frozenset({
     "train.max_steps", "train.max_failures", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.samples_to_log", "train.eval_every", "train.nonfinite_loss", "train.max_nonfinite_skips", "train.num_workers",
-    "train.grad_accum", "run.root", "run.tracking_uri", "data.shards",
+    "train.samples_to_log", "train.eval_every", "train.nonfinite_loss", "train.max_nonfinite_skips",
+    "train.num_workers", "train.grad_accum", "run.root", "run.tracking_uri", "data.shards",
 })
 
 

@@ -65,6 +65,10 @@ def collate(objective: str, rows: list[dict]) -> dict:
     return OBJECTIVES[objective].collate(rows)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def step_sums(loss: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """[loss x predicted tokens, correctly predicted tokens, predicted tokens, input tokens] of one micro-batch,

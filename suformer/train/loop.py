@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ..config import PretrainConfig
 from ..models import build_model, from_pretrained
 from ..storage import Location
-from .batches import StreamPosition, micro_batches, step_sums
+from .batches import StreamPosition, micro_batches, step_sums, to_device
 from .deepspeed_config import deepspeed_config, deepspeed_process_settings
 from .jit_ops import load_deepspeed_ops, ops_for
 from .run_checkpoints import (checkpoints_newest_first, newest_complete, prune_unregistered_checkpoints, restore,
@@ -158,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
             waited = time.perf_counter()
             batch, position = next(stream)
             data_wait += time.perf_counter() - waited
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             out = engine(**batch)
             if not _finite_on_every_rank(out.loss):
                 # Skipped before backward(), so no NaN reaches gradients, optimizer state or a checkpoint.

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from .batches import collate, step_sums
+from .batches import collate, step_sums, to_device
 
 
 def split_validation(files: list[str], rows: list[int], examples: int) -> tuple[list[str], list[str]]:
@@ -47,8 +47,7 @@ class Validation:
         totals = torch.zeros(4, dtype=torch.float64, device=device)
         for i in range(self.forwards):
             counted = i < len(self.batches)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v
-                     for k, v in (self.batches[i] if counted else self.spare).items()}
+            batch = to_device(self.batches[i] if counted else self.spare, device)
             out = engine(**batch)
             if counted:
                 totals += step_sums(out.loss, out.logits, batch)
