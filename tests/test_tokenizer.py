@@ -1,10 +1,12 @@
 """The tokenizer against transformers' BertTokenizer (basic + WordPiece) composed with T5 PEGASUS' jieba rule."""
+import random
 import unicodedata
 
 import jieba
 import pytest
 
-from suformer.tokenizer import SPECIAL_TOKENS, Tokenizer, build_vocab, load_vocab, write_vocab
+from suformer.data.corpora import peoples_daily
+from suformer.tokenizer import SPECIAL_TOKENS, Tokenizer, build_vocab, jieba_words, load_vocab, normalize, write_vocab
 
 CRAFTED = [
     "iPhone 15 Pro Max 国行售价8999元，比去年贵了1000元！",
@@ -51,6 +53,25 @@ def test_same_ids_as_bert4keras_algorithm_on_real_text(mode, vocab_file, char_vo
     assert mismatches == []
     # Unseen words fall back to characters; words of the vocab stay whole in jieba mode only.
     assert len(ours.tokenize("中华人民共和国")) >= 3
+
+
+def test_jieba_words_are_jiebas_own_cut_word_for_word(reviews):
+    """jieba-rs computes the segmentation: it must be jieba.cut(HMM=False)'s, on every People's Daily paragraph
+    (as written and normalized) and on random strings mixing CJK, Latin, digits, full-width forms, whitespace,
+    emoji and controls."""
+    rng = random.Random(0)
+    alphabet = list("的一是了我不人在他有这个上们来到时大地为中国年着就和要出也得后自以会中华人民共和国ABCabc xyz123"
+                    "４５６，。！？、；：“”（）《》\n\r\t\u3000-_.@#%&*+=/'\"😀ßé\u0301\x00\ufffd")
+    alphabet += [chr(rng.choice([rng.randint(0x20, 0xD7FF), rng.randint(0xE000, 0x2FFFF)])) for _ in range(200)]
+    randoms = ["".join(rng.choices(alphabet, k=rng.randint(0, 60))) for _ in range(5000)]
+    texts = [t for p in peoples_daily() for t in (p, normalize(p))] + reviews + CRAFTED + randoms
+    assert [t for t in texts if jieba_words(t) != jieba.lcut(t, HMM=False)] == []
+
+
+def test_normalize_is_bert4keras_lowercase_and_normalize(news):
+    for text in news[:500] + CRAFTED:
+        decomposed = unicodedata.normalize("NFD", text.lower())
+        assert normalize(text) == "".join(ch for ch in decomposed if unicodedata.category(ch) != "Mn")
 
 
 def test_emoji_and_unknown_characters_become_unk(tokenizer):

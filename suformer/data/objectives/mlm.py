@@ -10,13 +10,11 @@ its own with the char tokenizer, and per word r ~ U(0, 1) decides: r < 0.8p ever
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 
-import jieba
 import pyarrow as pa
 
-from ...tokenizer import Tokenizer, normalize
+from ...tokenizer import Tokenizer, jieba_words, normalize
 from .base import IGNORE, Objective, pad
 
 
@@ -25,7 +23,6 @@ def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len
     """(input_ids, labels) examples `[CLS] tokens [SEP]` covering the whole text: a text longer than `max_len`
     tokens is cut between words into as many examples as it needs (a single word longer than a whole example is
     cut). Labels are -100 where nothing is predicted."""
-    jieba.setLogLevel(logging.WARNING)
     room = max_len - 2
     examples, input_ids, labels = [], [], []
 
@@ -35,7 +32,7 @@ def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len
         input_ids.clear()
         labels.clear()
 
-    for word in jieba.cut(normalize(text) if tokenizer.lowercase else text, HMM=False):
+    for word in jieba_words(normalize(text) if tokenizer.lowercase else text):
         ids = tokenizer.encode(word)[1:-1][:room]
         if not ids:
             continue

@@ -67,8 +67,8 @@ def pseudo_summary(units: list[str], summary_rate: float = 0.25) -> tuple[str, s
     """(source, summary) of one chunk; the greedy LCS selection of t5-pegasus, computed fast."""
     # LCS lengths do not change under a one-to-one relabelling of characters; relabelling each chunk's few hundred
     # distinct CJK characters to small code points lets rapidfuzz use its array path instead of a hash map (2x).
-    alphabet: dict[str, int] = {}
-    coded = ["".join(chr(alphabet.setdefault(ch, len(alphabet))) for ch in unit) for unit in units]
+    alphabet = {ord(ch): code for code, ch in enumerate(dict.fromkeys("".join(units)))}
+    coded = [unit.translate(alphabet) for unit in units]
     source_idx = list(range(len(units)))
     target_idx: list[int] = []
     while True:
