@@ -229,6 +229,13 @@ class T5PegasusForConditionalGeneration(nn.Module):
             nn.init.normal_(module.wi_1.weight, std=c.d_model**-0.5)
             nn.init.normal_(module.wo.weight, std=c.d_ff**-0.5)
 
+    def output_multipliers(self) -> dict[str, float]:
+        """Parameters that act through a fixed multiplier, by name: bert4keras mode's untied head reads the decoder
+        output times d_model**-0.5. The pretraining optimizer compensates (train/loop.py); tied embeddings, read
+        unscaled at the input, cannot be."""
+        c = self.config
+        return {"lm_head.weight": c.d_model**-0.5} if c.scale_decoder_output and not c.tie_word_embeddings else {}
+
     # -- pieces used by generation ------------------------------------------------------------------------------
     def padding_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """`ids != [PAD]`, with position 0 always visible (bert4keras' mask_zero, so a [PAD] start token works)."""
