@@ -62,8 +62,9 @@ def optimizer_groups(model, lr: float, weight_decay: float, eps: float) -> list[
     A weight read through a fixed multiplier m (`output_multipliers`: bert4keras mode's head, logits = W (h m),
     initialised at std 1 = its hf-mode twin's std d**-0.5 / m) gets lr / m, eps * m and weight decay * m. Adam's
     step does not grow with the gradient, so without this the head moved 1/m = sqrt(d_model) times slower in
-    function space than in hf mode (0.29 nats behind after 400 steps: benchmarks/convergence.py); with it, W / m follows exactly the
-    trajectory of the hf-mode head (tested), while the function and the checkpoints stay bert4keras'."""
+    function space than in hf mode (0.29 nats behind after 400 steps: benchmarks/convergence.py); with it, W * m
+    follows exactly the trajectory of the hf-mode head (tested), while the function and the checkpoints stay
+    bert4keras'."""
     multipliers = getattr(model, "output_multipliers", dict)()
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
