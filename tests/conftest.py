@@ -71,10 +71,6 @@ def tokenizer(vocab_file):
     return Tokenizer(vocab_file, pre_tokenize="jieba")
 
 
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def _free_port():
     import socket
 

@@ -7,7 +7,7 @@ import torch
 from suformer.models.attention import AttentionMask, Rotary, T5RelativeBias, attention
 from suformer.models.layers import apply_rotary, relative_position_bucket, rotary_cos_sin
 
-from conftest import rel_err
+from numerics import rel_err
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])

@@ -8,7 +8,7 @@ import torch
 from suformer.models import CheckpointError, build_model, from_pretrained
 from suformer.models.roformer import roformer_v2_init_std
 
-from conftest import rel_err
+from numerics import rel_err
 
 VOCAB = 500
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from suformer.models import CheckpointError, build_model, from_pretrained
 
-from conftest import rel_err
+from numerics import rel_err
 
 VOCAB, D = 320, 64
 DIMS = dict(vocab_size=VOCAB, d_model=D, d_kv=16, num_heads=4, d_ff=96, num_layers=2, num_decoder_layers=3)

@@ -5,7 +5,8 @@
   torch before it; both stay available so they can be measured against each other (benchmarks/attention.py).
 
 On CPU the kernels run under the Triton interpreter (`TRITON_INTERPRET=1`, set before importing triton): slow and
-fp32, for tests at small shapes.
+fp32, for tests at small shapes. `configs.py` holds the GPU tile candidates, `compile_check.py` compiles every launch
+for A100/H100 without a GPU, `profiles.py` names the ways the kernels are called.
 """
 from __future__ import annotations
 

@@ -16,10 +16,15 @@ What is computed in-kernel from small inputs, never as an [Lq, Lk] tensor:
   Blocks outside the visible range are never visited; rows with no visible key give zeros, not NaN.
 - Dropout on the probabilities from a counter-based RNG (Philox) keyed by (seed, batch*head) and the element's
   (query, key) index, so the backward regenerates the same mask.
+
+Tiles: each kernel has its own (BLOCK_M, BLOCK_N, warps, stages), chosen per GPU architecture and head dim among
+the compile-checked candidates of configs.py; `triton.autotune` times them once per shape class (the `tune_length`
+argument, read by no kernel, is that key's length). Under the CPU interpreter: 16x16 tiles.
 """
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,8 +34,13 @@ import triton.language as tl
 
 from ..models.attention import logn_factor
 from ..models.layers import relative_position_bucket, rotary_cos_sin
+from . import configs
 
 LOG2E = 1.4426950408889634
+
+# On a GPU, pick each kernel's tile by timing the compile-checked candidates (configs.py) once per shape class;
+# off (SUFORMER_KERNEL_AUTOTUNE=0, e.g. in a Ray job's runtime_env): the first candidate, no tuning time.
+AUTOTUNE = os.environ.get("SUFORMER_KERNEL_AUTOTUNE", "1") != "0"
 
 # Debug switch for tests: fill every kernel output with NaN before launch, so a position a kernel fails to write
 # shows up instead of stale memory that happens to be right.
@@ -136,7 +146,7 @@ def _key_range(pid_m, b, Lq, Lk, query_offset, window, KEY_END, KEY_LIMIT, strid
 def _fwd_kernel(
     Q, K, V, O, LSE, COS, SIN, BIAS_LUT, KEY_MASK, KEY_END, KEY_LIMIT, QK_SCALE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, stride_kmask, stride_klimit,
-    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p, tune_length,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -189,8 +199,9 @@ def _bwd_dkdv_kernel(
     QUERY_START, QK_SCALE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     stride_kmask, stride_klimit, stride_qstart,
-    H, Lq, Lk, head_dim, query_offset, window, max_distance, num_buckets, seed, dropout_p,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, num_buckets, dtable_rows, seed, dropout_p, tune_length,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BUCKETS_PAD: tl.constexpr,
+    KEY_GRAIN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -220,7 +231,7 @@ def _bwd_dkdv_kernel(
         lo = tl.maximum(lo, first_key - window - query_offset)
         hi = tl.minimum(hi, last_key + window + 1 - query_offset)
     if HAS_KEY_LIMIT:
-        lo = tl.maximum(lo, tl.load(QUERY_START + b * stride_qstart + pid_n))
+        lo = tl.maximum(lo, tl.load(QUERY_START + b * stride_qstart + pid_n * (BLOCK_N // KEY_GRAIN)))
     lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -262,7 +273,7 @@ def _bwd_dkdv_kernel(
              mask=store_mask)
     if HAS_BIAS:
         buckets = tl.arange(0, BUCKETS_PAD)
-        tl.store(DTABLE + (bh * tl.num_programs(0) + pid_n) * num_buckets + buckets, dtable,
+        tl.store(DTABLE + (bh * dtable_rows + pid_n) * num_buckets + buckets, dtable,
                  mask=buckets < num_buckets)
 
 
@@ -270,7 +281,7 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, BIAS_LUT, KEY_MASK, KEY_END, KEY_LIMIT, QK_SCALE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm, stride_kmask, stride_klimit,
-    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p, tune_length,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -328,6 +339,8 @@ def _keep_mask_kernel(KEEP, Lq, Lk, seed, dropout_p, BLOCK_M: tl.constexpr, BLOC
 
 # ----------------------------------------------------------------------------------------------------- host side
 
+_KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+
 
 def _dropout_seed(seed: Optional[int]) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
@@ -337,7 +350,9 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: fl
     """The [B, H, Lq, Lk] bool mask of kept probabilities that the kernels draw for `dropout_seed=seed`."""
     B, H, Lq, Lk = shape
     keep = torch.empty(shape, dtype=torch.int8, device=device)
-    _keep_mask_kernel[(triton.cdiv(Lq, 16), B * H)](keep, Lq, Lk, seed, dropout_p, BLOCK_M=16, BLOCK_N=16)
+    config = configs.KEEP_MASK_CONFIG
+    _keep_mask_kernel[(triton.cdiv(Lq, config.kwargs["BLOCK_M"]), B * H)](
+        keep, Lq, Lk, seed, dropout_p, **config.all_kwargs())
     return keep.bool()
 
 
@@ -366,11 +381,10 @@ class _Plan:
     query_offset: int
     dropout_p: float
     seed: int
-    block_m: int
-    block_n: int
     block_d: int  # head dim padded to a power of two (>= 16, tl.dot's minimum)
-    num_warps: int
-    num_stages: int
+    tune_length: int  # the autotuning key's length: max(Lq, Lk) rounded up to a power of two
+    arch: int  # configs.GPU_CONFIGS' architecture class; 0 on CPU
+    configs: Optional[dict[str, triton.Config]]  # per kernel; None: autotuned among configs.GPU_CONFIGS[arch]
 
 
 @functools.lru_cache(maxsize=32)
@@ -389,12 +403,45 @@ def _rope_tables(positions: int, head_dim: int, base: float, device: torch.devic
     return cos[:, ::2].float().contiguous(), sin[:, ::2].float().contiguous()
 
 
-def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages). Small blocks under the CPU interpreter (speed there is the number
-    of numpy ops); GPU values follow the Triton tutorial's defaults until tuned on the device."""
-    if device.type != "cuda":
-        return 16, 16, 1, 1
-    return (128, 64, 4, 3) if head_dim <= 64 else (128, 64, 8, 3)
+def _arch(device: torch.device) -> int:
+    """The candidates' architecture class on a GPU (configs.GPU_CONFIGS); 0 under the CPU interpreter."""
+    return configs.arch_class(torch.cuda.get_device_capability(device)) if device.type == "cuda" else 0
+
+
+def _launch_configs(head_dim: int, arch: int, block_sizes) -> Optional[dict[str, triton.Config]]:
+    """Each kernel's explicit launch configuration, or None where a GPU autotunes among the candidates."""
+    if not arch:
+        chosen = {name: configs.CPU_CONFIG for name in configs.KERNELS}
+    elif AUTOTUNE and block_sizes is None:
+        return None
+    else:
+        chosen = {name: configs.candidates(name, head_dim, arch)[0] for name in configs.KERNELS}
+    if block_sizes is not None:
+        chosen = {name: configs.with_blocks(config, *block_sizes) for name, config in chosen.items()}
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(name: str, arch: int, head_dim_class: int):
+    """`triton.autotune` over the compile-checked candidates, keyed by what changes the best tile: the length class,
+    the head dim, the position scheme and masks (and, added by Triton, the tensors' dtypes). Configurations that
+    fail to compile on the device are skipped by Triton; results are cached on disk across processes."""
+    return triton.autotune(
+        configs=configs.GPU_CONFIGS[arch][name][head_dim_class],
+        key=["tune_length", "BLOCK_D", "HAS_BIAS", "ROPE", "CAUSAL", "HAS_WINDOW", "HAS_KEY_MASK", "HAS_KEY_LIMIT",
+             "DROPOUT"],
+        # dK/dV writes one row of bias-table partials per key block: rows a larger tile leaves must stay zero.
+        reset_to_zero=["DTABLE"] if name == "dkdv" else None,
+        cache_results=True,
+    )(_KERNELS[name])
+
+
+def _launch(name: str, grid, plan: "_Plan", **args) -> None:
+    """Launch kernel `name` with the plan's configuration, or autotuned; `grid` maps the tile sizes to the grid."""
+    if plan.configs is None:
+        _autotuned(name, plan.arch, configs.head_dim_class(plan.block_d))[grid](**args)
+    else:
+        _KERNELS[name][grid](**args, **plan.configs[name].all_kwargs())
 
 
 def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -433,7 +480,7 @@ def _launch_args(plan: _Plan, q: torch.Tensor, bias_lut: Optional[torch.Tensor])
         HAS_WINDOW=plan.window is not None, HAS_KEY_MASK=plan.key_mask is not None,
         HAS_KEY_LIMIT=plan.key_limit is not None, DROPOUT=plan.dropout_p > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        BLOCK_D=plan.block_d, tune_length=plan.tune_length,
     )
 
 
@@ -453,13 +500,12 @@ class _FlashAttention(torch.autograd.Function):
         out = _new_like_heads(q)
         lse = _new((B, H, Lq), q, torch.float32)
         bias_lut = _bias_lut(plan)
-        grid = (triton.cdiv(Lq, plan.block_m), B * H)
-        _fwd_kernel[grid](
-            q, k, v, out, lse, **_launch_args(plan, q, bias_lut),
+        _launch(
+            "fwd", lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H), plan,
+            Q=q, K=k, V=v, O=out, LSE=lse, **_launch_args(plan, q, bias_lut),
             sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
             svb=v.stride(0), svh=v.stride(1), svn=v.stride(2),
-            sob=out.stride(0), soh=out.stride(1), som=out.stride(2),
-            H=H, Lq=Lq, Lk=Lk, head_dim=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+            sob=out.stride(0), soh=out.stride(1), som=out.stride(2), H=H, Lq=Lq, Lk=Lk, head_dim=D,
         )
         ctx.save_for_backward(q, k, v, out, lse, table if table is not None else _dummy(q.device))
         ctx.plan = plan
@@ -480,35 +526,39 @@ class _FlashAttention(torch.autograd.Function):
             sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
             svb=v.stride(0), svh=v.stride(1), svn=v.stride(2),
             sdob=grad_out.stride(0), sdoh=grad_out.stride(1), sdom=grad_out.stride(2),
-            H=H, Lq=Lq, Lk=Lk, head_dim=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+            Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, H=H, Lq=Lq, Lk=Lk, head_dim=D,
         )
-        key_blocks = triton.cdiv(Lk, plan.block_n)
+        # Tables per key block are laid out per KEY_GRAIN keys: the tile size is chosen at launch when autotuned.
+        grains = triton.cdiv(Lk, configs.KEY_GRAIN)
         num_buckets = plan.bias.table.shape[0] if plan.bias is not None else 1
-        dtable_parts = _new((B * H, key_blocks, num_buckets), q, torch.float32) if plan.bias is not None else None
+        dtable_parts = None
+        if plan.bias is not None:  # zeros: a key tile of several grains writes only its first row
+            dtable_parts = torch.zeros((B * H, grains, num_buckets), dtype=torch.float32, device=q.device)
         query_start = None
         if plan.key_limit is not None:
-            # First query row whose visible prefix reaches into each key block (limits grow with the row).
-            block_starts = torch.arange(0, Lk, plan.block_n, device=q.device, dtype=torch.int32)
+            # First query row whose visible prefix reaches into each key grain (limits grow with the row).
+            grain_starts = torch.arange(0, Lk, configs.KEY_GRAIN, device=q.device, dtype=torch.int32)
             query_start = torch.searchsorted(
-                plan.key_limit, block_starts.expand(B, -1).contiguous(), right=True
+                plan.key_limit, grain_starts.expand(B, -1).contiguous(), right=True
             ).to(torch.int32)
-        _bwd_dkdv_kernel[(key_blocks, B * H)](
-            q, k, v, grad_out, lse, delta, dk, dv,
-            dtable_parts if dtable_parts is not None else _dummy(q.device),
+        _launch(
+            "dkdv", lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H), plan,
+            DK=dk, DV=dv, DTABLE=dtable_parts if dtable_parts is not None else _dummy(q.device),
             BUCKET_LUT=plan.bucket_lut if plan.bucket_lut is not None else _dummy(q.device),
             QUERY_START=query_start if query_start is not None else _dummy(q.device),
             stride_qstart=query_start.stride(0) if query_start is not None else 0,
             sdkb=dk.stride(0), sdkh=dk.stride(1), sdkn=dk.stride(2),
             sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2),
-            num_buckets=num_buckets, BUCKETS_PAD=triton.next_power_of_2(num_buckets), **common, **args,
+            num_buckets=num_buckets, dtable_rows=grains, BUCKETS_PAD=triton.next_power_of_2(num_buckets),
+            KEY_GRAIN=configs.KEY_GRAIN, **common, **args,
         )
-        _bwd_dq_kernel[(triton.cdiv(Lq, plan.block_m), B * H)](
-            q, k, v, grad_out, lse, delta, dq,
-            sdqb=dq.stride(0), sdqh=dq.stride(1), sdqm=dq.stride(2), **common, **args,
+        _launch(
+            "dq", lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H), plan,
+            DQ=dq, sdqb=dq.stride(0), sdqh=dq.stride(1), sdqm=dq.stride(2), **common, **args,
         )
         dtable = None
         if dtable_parts is not None and ctx.needs_input_grad[3]:
-            dtable = dtable_parts.view(B, H, key_blocks, num_buckets).sum(dim=(0, 2)).t().to(table.dtype)
+            dtable = dtable_parts.view(B, H, grains, num_buckets).sum(dim=(0, 2)).t().to(table.dtype)
         return dq, dk, dv, dtable, None
 
 
@@ -543,6 +593,10 @@ def flash_attention(
                          f"{tuple(v.shape)}")
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    if q.is_cuda and D > configs.MAX_HEAD_DIM:
+        raise ValueError(f"the fused kernels support head dims up to {configs.MAX_HEAD_DIM}, got {D}")
+    if block_sizes is not None and any(size % configs.KEY_GRAIN for size in block_sizes):
+        raise ValueError(f"block sizes must be multiples of {configs.KEY_GRAIN}, got {block_sizes}")
     if rotary_base is not None and D % 2:
         raise ValueError(f"RoPE needs an even head dim, got {D}")
     if not 0.0 <= dropout_p < 1.0:
@@ -578,14 +632,12 @@ def flash_attention(
             raise ValueError(f"bias table must be [num_buckets, {H}], got {tuple(bias.table.shape)}")
         bucket_lut = _bucket_lut(bias.bidirectional, bias.table.shape[0], bias.max_distance, device)
 
-    block_m, block_n, num_warps, num_stages = _blocks(D, device)
-    if block_sizes is not None:
-        block_m, block_n = block_sizes
+    arch = _arch(device)
     plan = _Plan(
         scale=row_scale, bias=bias, bucket_lut=bucket_lut, rope=rope, key_mask=key_mask, key_end=key_end,
         key_limit=key_limit, causal=causal, window=window, query_offset=query_offset, dropout_p=float(dropout_p),
         seed=_dropout_seed(dropout_seed) if dropout_p > 0 else 0,
-        block_m=block_m, block_n=block_n, block_d=max(16, triton.next_power_of_2(D)), num_warps=num_warps,
-        num_stages=num_stages,
+        block_d=max(16, triton.next_power_of_2(D)), tune_length=triton.next_power_of_2(max(Lq, Lk)),
+        arch=arch, configs=_launch_configs(D, arch, block_sizes),
     )
     return _FlashAttention.apply(q, k, v, bias.table if bias is not None else None, plan)

@@ -1,0 +1,157 @@
+"""The first run on a GPU: kernel correctness in bf16/fp16, autotuning, the attention benchmark; one folder of results.
+
+    python benchmarks/first_gpu.py --out first_gpu                        # one H100/H200: about 10 minutes
+    TRITON_INTERPRET=1 python benchmarks/first_gpu.py --smoke --out /tmp/first_gpu   # CPU: checks the command runs
+
+Needs only torch, triton and pytest (run from the repository root; no Ray, MLflow or tokenizer packages). Steps,
+each run even when an earlier one failed, each writing into --out:
+
+1. `environment.json`: device, compute capability, torch, triton and CUDA versions, date.
+2. `kernel_tests.log`, `kernel_tests.xml`: tests/test_kernels.py without the suite's conftest (fp32 against the
+   float64 reference, bf16/fp16 against FlashAttention's error criterion, a tiny model's training step).
+3. `autotune.json`: per model profile (T5 PEGASUS base / RoFormerV2 base shapes, bf16, 16k tokens), the tile each
+   kernel picks and every candidate's time, and forward+backward with the default tile against the tuned one.
+4. `attention.json`, `attention.log`: benchmarks/attention.py with the T5 PEGASUS training step (--model).
+
+Writes `summary.md` (one line per step) and exits 1 if any step failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from suformer.kernels import flash  # noqa: E402
+from suformer.kernels.configs import KERNELS, arch_class, head_dim_class  # noqa: E402
+from suformer.kernels.profiles import PROFILES  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+MODEL_PROFILES = [name for name, profile in PROFILES.items() if profile.model]
+
+
+def environment() -> dict:
+    import triton
+
+    env = dict(date=date.today().isoformat(), torch=torch.__version__, triton=triton.__version__,
+               cuda=torch.version.cuda, interpreter=os.environ.get("TRITON_INTERPRET") == "1")
+    if CUDA:
+        env.update(device=torch.cuda.get_device_name(), capability=".".join(map(str, torch.cuda.get_device_capability())))
+    return env
+
+
+def kernel_tests(out: Path, smoke: bool) -> str:
+    """pytest on tests/test_kernels.py in a subprocess, without conftest.py (it needs the suite's services)."""
+    selection = ["-k", "t5-encoder-padded or rope-unilm"] if smoke else []
+    command = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-o", "addopts=", "-p", "no:cacheprovider",
+               f"--junitxml={out / 'kernel_tests.xml'}", str(ROOT / "tests" / "test_kernels.py"), *selection]
+    with open(out / "kernel_tests.log", "w") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    last = (out / "kernel_tests.log").read_text().strip().splitlines()[-1:]
+    return f"exit {done.returncode}: {last[0] if last else ''}"
+
+
+def _median_ms(fn, reps: int) -> float:
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    times = []
+    for _ in range(reps):
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def autotune(out: Path, smoke: bool) -> str:
+    """Tune each model profile's three kernels, then time forward+backward with the default and the tuned tiles."""
+    dtype = torch.float32 if smoke else torch.bfloat16
+    batch, heads, length, head_dim = (1, 2, 48, 32) if smoke else (32, 12, 512, 64)
+    device = "cuda" if CUDA else "cpu"
+    rows = []
+    for name in ["t5-encoder", "roformer-unilm"] if smoke else MODEL_PROFILES:
+        q, k, v, kwargs = PROFILES[name].inputs(batch, heads, length, head_dim, dtype, device,
+                                               torch.Generator().manual_seed(0))
+        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+
+        def step():
+            flash.flash_attention(q, k, v, **kwargs).backward(grad)
+
+        row = dict(profile=name, batch=batch, heads=heads, length=length, head_dim=head_dim, dtype=str(dtype))
+        tuners = {}
+        if CUDA:  # under the interpreter the tiles are fixed (configs.CPU_CONFIG): nothing is tuned
+            arch = arch_class(torch.cuda.get_device_capability())
+            tuners = {kernel: flash._autotuned(kernel, arch, head_dim_class(head_dim)) for kernel in KERNELS}
+        for tuner in tuners.values():
+            tuner.configs_timings = {}  # filled by this profile's tuning (left empty on a disk-cache hit)
+        step()  # tunes: the first call of a shape class times every candidate
+        row["chosen"] = {kernel: str(tuner.best_config) for kernel, tuner in tuners.items()}
+        row["candidates_ms"] = {kernel: {str(c): t for c, t in tuner.configs_timings.items()}
+                                for kernel, tuner in tuners.items()}
+        row["tuned_ms"] = _median_ms(step, reps=1 if smoke else 10)
+        flash.AUTOTUNE = False
+        try:
+            step()
+            row["default_ms"] = _median_ms(step, reps=1 if smoke else 10)
+        finally:
+            flash.AUTOTUNE = True
+        row["x_tuned_vs_default"] = row["default_ms"] / row["tuned_ms"]
+        rows.append(row)
+        print(f"| {name} | default {row['default_ms']:.2f} ms | tuned {row['tuned_ms']:.2f} ms | "
+              f"{row['x_tuned_vs_default']:.2f}x | {row['chosen'] or 'interpreter: fixed tiles'} |",
+              flush=True)
+    (out / "autotune.json").write_text(json.dumps(dict(environment=environment(), rows=rows), indent=1))
+    return f"{len(rows)} profiles tuned"
+
+
+def attention_benchmark(out: Path, smoke: bool) -> str:
+    args = ["--smoke"] if smoke else ["--lengths", "1024", "2048", "8192", "--reps", "10"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--model", *args,
+               "--output", str(out / "attention.json")]
+    with open(out / "attention.log", "w") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return f"exit {done.returncode}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for every result (created)")
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes (CPU, under TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    if not CUDA and not args.smoke:
+        print("error: no GPU here; on a CPU run `TRITON_INTERPRET=1 python benchmarks/first_gpu.py --smoke --out DIR`",
+              file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "environment.json").write_text(json.dumps(environment(), indent=1))
+
+    summary, failed = [], False
+    steps = [("kernel tests", kernel_tests), ("autotune", autotune), ("attention benchmark", attention_benchmark)]
+    for index, (title, step) in enumerate(steps, 1):
+        began = time.monotonic()
+        print(f"[{index}/{len(steps)}] {title} ...", flush=True)
+        try:
+            outcome = step(args.out, args.smoke)
+            failed |= outcome.startswith("exit") and not outcome.startswith("exit 0")
+        except Exception as error:  # noqa: BLE001 - a failed step is reported; the next steps still run
+            outcome, failed = f"failed: {type(error).__name__}: {error}", True
+        line = f"{title}: {outcome} ({time.monotonic() - began:.0f} s)"
+        print(f"[{index}/{len(steps)}] {line}", flush=True)
+        summary.append(f"- {line}")
+    (args.out / "summary.md").write_text("\n".join([f"# First GPU run, {json.dumps(environment())}", *summary]) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
