@@ -1,6 +1,6 @@
 """Compile the attention kernels for a GPU on a machine without one: shared memory, registers, spills, MMA kind.
 
-    python -m suformer.kernels.compile_check                  # every launch for sm_80 and sm_90 (~15 min, 2 cores)
+    python -m suformer.kernels.compile_check                  # every launch for sm_80 and sm_90 (~12 min on 2 cores)
     python -m suformer.kernels.compile_check --quick          # the suite's subset (sm_90, bf16, head dim 64 models)
     python -m suformer.kernels.compile_check --archs 90 --head-dims 128 --json out.json
 
