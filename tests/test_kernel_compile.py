@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
-pytestmark = pytest.mark.kernels
+triton = pytest.importorskip("triton")
+pytestmark = [pytest.mark.kernels, pytest.mark.skipif(
+    not triton.__version__.startswith("3.9."), reason="the compile check uses Triton 3.9's private compile API")]
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
 
@@ -45,9 +46,8 @@ def test_the_check_reports_overruns_and_spills():
         from suformer.kernels import compile_check, configs
         configs.GPU_CONFIGS[90]["dkdv"][64] = [configs._config(128, 64, 4, 3)]
         configs.GPU_CONFIGS[90]["fwd"][128] = [configs._config(128, 64, 8, 3)]
-        results = compile_check.run([90], ["bfloat16"], [64], ["t5-encoder"], workers=1)
-        results += [r for r in compile_check.run([90], ["bfloat16"], [128], ["everything"], workers=1)
-                    if r.kernel == "fwd"]
+        results = compile_check.run([90], ["bfloat16"], [64], ["t5-encoder"], False, ["dkdv", "fwd"], workers=1)
+        results += compile_check.run([90], ["bfloat16"], [128], ["everything"], False, ["fwd"], workers=1)
         for problem in compile_check.problems(results):
             print(problem)
     """)
@@ -56,7 +56,7 @@ def test_the_check_reports_overruns_and_spills():
     problems = done.stdout.splitlines()
     assert any("t5-encoder dkdv 128x64/4w/3s: spills" in p for p in problems), problems
     assert any("everything fwd 128x64/8w/3s" in p and "over the 227 KiB" in p for p in problems), problems
-    assert not any(" dq " in p or "t5-encoder fwd" in p for p in problems), problems
+    assert not any("t5-encoder fwd" in p for p in problems), problems  # the new forward tile is compiled beside
 
 
 def test_the_check_refuses_the_interpreter():

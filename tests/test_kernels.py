@@ -127,17 +127,26 @@ def test_rope_outside_kernel_matches_reference(name):
         assert rel_err(g.double().cpu(), e) < 2e-5
 
 
-@pytest.mark.parametrize("name", ["t5-encoder-padded", "rope-unilm"])
+AUTOTUNE_CASES = {  # two 64-key tiles: the second reads its UniLM query start at grain 4 and writes partials row 1
+    "t5": dict(shape=(1, 2, 100, 100, 32), position="t5", bidirectional=True, max_distance=20,
+               mask=AttentionMask(key_padding=_padding(1, 100, [70]))),
+    "unilm": dict(shape=(1, 2, 100, 100, 32), position="rope", scale=0.2,
+                  mask=AttentionMask(key_padding=_padding(1, 100, [90]), segment_ids=_segments(100, [30], [60]))),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTOTUNE_CASES))
 def test_the_autotuned_launch_path(name, monkeypatch):
     """The GPU's launch path, run by the interpreter: `triton.autotune` over candidates with key tiles of 2 and 4
-    grains (configs.KEY_GRAIN). The last candidate is made to win, after the others have run in the tuning and
-    written more rows of bias-table partials (so those rows must be zeroed again) and read the per-grain UniLM
-    query starts at their own strides; the result must still be the reference's."""
+    grains (configs.KEY_GRAIN). The last candidate (64-key tiles) is made to win, after the others have run in the
+    tuning and written more rows of bias-table partials (so those rows must be zeroed again); the result must
+    still be the reference's."""
     from suformer.kernels import configs
 
     candidates = [configs._config(16, 32, 1, 1), configs._config(32, 32, 1, 1), configs._config(16, 64, 1, 1)]
     monkeypatch.setitem(configs.GPU_CONFIGS, 90, {kernel: {64: candidates} for kernel in configs.KERNELS})
     monkeypatch.setattr(flash, "_arch", lambda device: 90)
+    monkeypatch.setattr(flash, "AUTOTUNE", True)
     flash._autotuned.cache_clear()
     timings = iter(range(100, 0, -1))  # each later candidate "faster": the last one wins
     tuners = [flash._autotuned(kernel, 90, 64) for kernel in configs.KERNELS]
@@ -146,8 +155,9 @@ def test_the_autotuned_launch_path(name, monkeypatch):
             kernel_call()  # the candidate really runs, as in Triton's own timing
             return [float(next(timings))] * len(quantiles)
         tuner.__dict__["do_bench"] = bench  # over Triton's cached property (the interpreter has no GPU timer)
+        tuner.cache_results = False  # on a GPU: never a disk-cache hit that skips the tuning under test
     try:
-        case = CASES[name]
+        case = AUTOTUNE_CASES[name]
         inputs, grad_out = _inputs(case)
         expected = _run("reference", torch.float64, "cpu", inputs, case, grad_out)
         got = _run("triton", torch.float32, DEVICE, inputs, case, grad_out)

@@ -1,6 +1,6 @@
 """Compile the attention kernels for a GPU on a machine without one: shared memory, registers, spills, MMA kind.
 
-    python -m suformer.kernels.compile_check                  # every launch for sm_80 and sm_90 (~12 min on 2 cores)
+    python -m suformer.kernels.compile_check                  # every launch for sm_80 and sm_90 (~15 min on 2 cores)
     python -m suformer.kernels.compile_check --quick          # the suite's subset (sm_90, bf16, head dim 64 models)
     python -m suformer.kernels.compile_check --archs 90 --head-dims 128 --json out.json
 
@@ -31,6 +31,7 @@ from .profiles import PROFILES
 TRITON_VERSION = "3.9."  # the private API below (binder, ASTSource, ptxas log) as of this release
 # Largest shared memory per block (opt-in), bytes: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+KERNELS = ("fwd", "dkdv", "dq", "keep_mask")
 BATCH, HEADS, LENGTH = 2, 12, 512  # T5 PEGASUS base: 12 heads; the pretraining encoder length
 
 
@@ -61,7 +62,7 @@ class Result:
         if self.shared_kib * 1024 > SHARED_LIMIT[self.arch]:
             found.append(f"{where}: {self.shared_kib:.0f} KiB shared memory, over the {SHARED_LIMIT[self.arch] // 1024}"
                          " KiB per-block limit")
-        if model_profile and self.head_dim <= 64 and self.spill_bytes:
+        if model_profile and self.head_dim <= 64 and self.spill_bytes and self.dtype != "float32":
             found.append(f"{where}: spills {self.spill_bytes} bytes per thread in a model profile (head dim <= 64)")
         return found
 
@@ -113,22 +114,29 @@ def _check_one(job) -> list[Result]:
     """All candidates of every kernel for one (arch, dtype, head dim, profile)."""
     from . import configs, flash
 
-    arch, dtype, head_dim, profile_name, all_candidates = job
+    arch, dtype, head_dim, profile_name, all_candidates, kernels = job
     profile = PROFILES[profile_name]
     launches = _record_launches(profile, head_dim, dtype)
     results = []
     for name, args in launches.items():
-        candidates = configs.candidates(name, head_dim, arch)
+        if name not in kernels:
+            continue
+        candidates = [configs.FP32_GPU_CONFIG] if dtype == "float32" else configs.candidates(name, head_dim, arch)
         for index, config in enumerate(candidates if all_candidates else candidates[:1]):
-            result = Result(arch, dtype, head_dim, profile.name, name, _describe(config), index == 0)
-            try:
-                metadata, ptx, log = compile_for(flash._KERNELS[name], arch, {**args, **config.all_kwargs()})
-            except Exception as error:  # noqa: BLE001 - reported per launch (OutOfResources, PTXASError, ...)
-                result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-                results.append(result)
-                continue
-            results.append(_measured(result, metadata, ptx, log))
+            results.append(_compiled(Result(arch, dtype, head_dim, profile.name, name, _describe(config), index == 0),
+                                     flash._KERNELS[name], {**args, **config.all_kwargs()}))
     return results
+
+
+def _compiled(result: Result, kernel, launch_kwargs: dict) -> Result:
+    """`result` filled in from compiling the launch for its arch, or with the error that stopped it."""
+    try:
+        metadata, ptx, log = compile_for(kernel, result.arch, launch_kwargs)
+    except Exception as error:  # noqa: BLE001 - reported per launch (OutOfResources, PTXASError, ...)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        result.error = f"{type(error).__name__}: {first_line[:200]}"
+        return result
+    return _measured(result, metadata, ptx, log)
 
 
 def _measured(result: Result, metadata, ptx: str, ptxas_log: str) -> Result:
@@ -148,28 +156,22 @@ def _check_keep_mask(arch: int) -> Result:
 
     config = configs.KEEP_MASK_CONFIG
     keep = torch.empty(1, dtype=torch.int8)
-    result = Result(arch, "int8", 0, "dropout-mask", "keep_mask", _describe(config), True)
-    try:
-        return _measured(result, *compile_for(flash._keep_mask_kernel, arch, dict(
-            KEEP=keep, Lq=LENGTH, Lk=LENGTH, seed=1, dropout_p=0.1, **config.all_kwargs())))
-    except Exception as error:  # noqa: BLE001
-        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-    return result
+    return _compiled(Result(arch, "int8", 0, "dropout-mask", "keep_mask", _describe(config), True),
+                     flash._keep_mask_kernel,
+                     dict(KEEP=keep, Lq=LENGTH, Lk=LENGTH, seed=12345, dropout_p=0.1, **config.all_kwargs()))
 
 
-def run(archs, dtypes, head_dims, profiles, all_candidates=True, workers=None) -> list[Result]:
-    jobs = [(a, d, h, p, all_candidates) for a in archs for d in dtypes for h in head_dims for p in profiles]
+def run(archs, dtypes, head_dims, profiles, all_candidates=True, kernels=KERNELS, workers=None) -> list[Result]:
+    """Compile every launch of the matrix; `kernels` a subset of KERNELS (the dropout mask is "keep_mask")."""
+    jobs = [(a, d, h, p, all_candidates, kernels) for a in archs for d in dtypes for h in head_dims for p in profiles]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    results = [_check_keep_mask(arch) for arch in archs]
-    if workers == 1:
-        batches = map(_check_one, jobs)
-    else:
-        pool = ProcessPoolExecutor(workers)
-        batches = pool.map(_check_one, jobs)
-    for job, batch in zip(jobs, batches):
-        results.extend(batch)
-        print(f"  compiled sm_{job[0]} {job[1]} d={job[2]} {job[3]}: {len(batch)} launches", file=sys.stderr,
-              flush=True)
+    results = [_check_keep_mask(arch) for arch in archs] if "keep_mask" in kernels else []
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        batches = pool.map(_check_one, jobs) if pool else map(_check_one, jobs)
+        for job, batch in zip(jobs, batches):
+            results.extend(batch)
+            print(f"  compiled sm_{job[0]} {job[1]} d={job[2]} {job[3]}: {len(batch)} launches", file=sys.stderr,
+                  flush=True)
     return results
 
 
@@ -232,9 +234,11 @@ def table(results: list[Result]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the suite's subset: " + json.dumps(QUICK))
+    parser.add_argument("--quick", action="store_true",
+                        help="the suite's subset (the matrix options below are then ignored): " + json.dumps(QUICK))
     parser.add_argument("--archs", type=int, nargs="+", default=sorted(SHARED_LIMIT), choices=sorted(SHARED_LIMIT))
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"],
+                        choices=["bfloat16", "float16", "float32"], help="float32: its one fixed tile, no spill rule")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")
@@ -243,6 +247,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     # Triton 3.9 warns unless this is set; 1 is its default (FMA contraction on), the one a GPU run compiles with.
+    # Read when a kernel is compiled, so setting it after triton's import (through .profiles) is in time.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
 

@@ -12,6 +12,8 @@ backward kernels keep two [BLOCK_N, D] fp32 accumulators and four [BLOCK_M, BLOC
 take small query tiles (dK/dV) or 8 warps, as in the Triton tutorial's separate backward tiles.
 
 The first candidate is the launch without autotuning; `AUTOTUNE` (in flash.py) picks the fastest per shape class.
+The check compiles with the pinned triton (3.9) for bf16 and fp16 (and FP32_GPU_CONFIG in fp32); the suite runs
+its quick subset (sm_90 defaults of the model profiles), the whole matrix is run by hand.
 """
 from __future__ import annotations
 
@@ -53,17 +55,20 @@ _AMPERE = {
     },
     "dq": {
         64: [_config(64, 32, 8, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 3), _config(32, 64, 4, 2)],
-        128: _HOPPER["dq"][128],
+        128: list(_HOPPER["dq"][128]),
     },
 }
 GPU_CONFIGS: dict[int, dict[str, dict[int, list[triton.Config]]]] = {80: _AMPERE, 90: _HOPPER}
 
 # Under the CPU interpreter speed is the number of numpy ops: small tiles, and warps and stages mean nothing.
 CPU_CONFIG = _config(16, 16, 1, 1)
+# float32 on a GPU (ieee dots, no tensor cores: tests) without autotuning: one small tile, compile-checked too.
+FP32_GPU_CONFIG = _config(32, 32, 4, 2)
 # The dropout-mask kernel (tests and debugging only) is not tuned.
 KEEP_MASK_CONFIG = _config(16, 16, 4, 1)
-# Per-key-block tables (the bias-table gradient partials, the first query row of each UniLM key block) are laid out
-# per KEY_GRAIN keys, the smallest BLOCK_N of any candidate, so the host can size them before the tile is chosen.
+# Per-key-tile tables (the bias-table gradient partials, the first query row of each UniLM key tile) are sized for
+# tiles of KEY_GRAIN keys, which every BLOCK_N is a multiple of, so the host can size them before the tile is chosen
+# (tile pid_n reads the query start at grain pid_n * BLOCK_N / KEY_GRAIN).
 KEY_GRAIN = 16
 MAX_HEAD_DIM = 128
 
@@ -73,7 +78,9 @@ def head_dim_class(head_dim: int) -> int:
 
 
 def arch_class(capability: tuple[int, int]) -> int:
-    """90 from Hopper on, 80 before (GPUs older than Ampere are not supported by these tiles)."""
+    """90 from Hopper on, 80 before. Checked for sm_80 (A100) and sm_90 (H100/H200) only: GPUs with less shared
+    memory per block (sm_86/sm_89, about 99 KiB) fit only some candidates, which autotuning finds (it skips those
+    that do not compile); the first-candidate launch (SUFORMER_KERNEL_AUTOTUNE=0) may not fit there."""
     return 90 if capability[0] >= 9 else 80
 
 

@@ -18,8 +18,9 @@ What is computed in-kernel from small inputs, never as an [Lq, Lk] tensor:
   (query, key) index, so the backward regenerates the same mask.
 
 Tiles: each kernel has its own (BLOCK_M, BLOCK_N, warps, stages), chosen per GPU architecture and head dim among
-the compile-checked candidates of configs.py; `triton.autotune` times them once per shape class (the `tune_length`
-argument, read by no kernel, is that key's length). Under the CPU interpreter: 16x16 tiles.
+the compile-checked candidates of configs.py; `triton.autotune` times them once per shape class (the `tune_lq` and
+`tune_lk` arguments, read by no kernel, are that key's lengths). Without tuning, float32 on a GPU (tests) takes one
+small tile; the CPU interpreter always does.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ LOG2E = 1.4426950408889634
 # On a GPU, pick each kernel's tile by timing the compile-checked candidates (configs.py) once per shape class;
 # off (SUFORMER_KERNEL_AUTOTUNE=0, e.g. in a Ray job's runtime_env): the first candidate, no tuning time.
 AUTOTUNE = os.environ.get("SUFORMER_KERNEL_AUTOTUNE", "1") != "0"
+
+# A random dropout seed and the tuning key's length classes would otherwise make Triton compile variants (for
+# values equal to 1 or divisible by 16) that the compile check never sees.
+NOT_SPECIALIZED = ["seed", "tune_lq", "tune_lk"]
 
 # Debug switch for tests: fill every kernel output with NaN before launch, so a position a kernel fails to write
 # shows up instead of stale memory that happens to be right.
@@ -142,11 +147,11 @@ def _key_range(pid_m, b, Lq, Lk, query_offset, window, KEY_END, KEY_LIMIT, strid
     return (lo // BLOCK_N) * BLOCK_N, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _fwd_kernel(
     Q, K, V, O, LSE, COS, SIN, BIAS_LUT, KEY_MASK, KEY_END, KEY_LIMIT, QK_SCALE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, stride_kmask, stride_klimit,
-    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p, tune_length,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p, tune_lq, tune_lk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -193,18 +198,20 @@ def _fwd_kernel(
     tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DTABLE, COS, SIN, BIAS_LUT, BUCKET_LUT, KEY_MASK, KEY_END, KEY_LIMIT,
     QUERY_START, QK_SCALE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     stride_kmask, stride_klimit, stride_qstart,
-    H, Lq, Lk, head_dim, query_offset, window, max_distance, num_buckets, dtable_rows, seed, dropout_p, tune_length,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, num_buckets, dtable_rows, seed, dropout_p,
+    tune_lq, tune_lk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BUCKETS_PAD: tl.constexpr,
     KEY_GRAIN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    tl.static_assert(BLOCK_N % KEY_GRAIN == 0)  # the per-grain tables are indexed at the tile's first grain
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -277,11 +284,11 @@ def _bwd_dkdv_kernel(
                  mask=buckets < num_buckets)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, BIAS_LUT, KEY_MASK, KEY_END, KEY_LIMIT, QK_SCALE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm, stride_kmask, stride_klimit,
-    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p, tune_length,
+    H, Lq, Lk, head_dim, query_offset, window, max_distance, seed, dropout_p, tune_lq, tune_lk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -325,7 +332,7 @@ def _bwd_dq_kernel(
              mask=(offs_m < Lq)[:, None] & (offs_d < head_dim)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _keep_mask_kernel(KEEP, Lq, Lk, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -382,9 +389,10 @@ class _Plan:
     dropout_p: float
     seed: int
     block_d: int  # head dim padded to a power of two (>= 16, tl.dot's minimum)
-    tune_length: int  # the autotuning key's length: max(Lq, Lk) rounded up to a power of two
+    tune_lq: int  # the autotuning key's lengths: Lq and Lk rounded up to powers of two
+    tune_lk: int
     arch: int  # configs.GPU_CONFIGS' architecture class; 0 on CPU
-    configs: Optional[dict[str, triton.Config]]  # per kernel; None: autotuned among configs.GPU_CONFIGS[arch]
+    tiles: Optional[dict[str, triton.Config]]  # per kernel; None: autotuned among configs.GPU_CONFIGS[arch]
 
 
 @functools.lru_cache(maxsize=32)
@@ -408,12 +416,14 @@ def _arch(device: torch.device) -> int:
     return configs.arch_class(torch.cuda.get_device_capability(device)) if device.type == "cuda" else 0
 
 
-def _launch_configs(head_dim: int, arch: int, block_sizes) -> Optional[dict[str, triton.Config]]:
+def _launch_tiles(head_dim: int, dtype: torch.dtype, arch: int, block_sizes) -> Optional[dict[str, triton.Config]]:
     """Each kernel's explicit launch configuration, or None where a GPU autotunes among the candidates."""
     if not arch:
         chosen = {name: configs.CPU_CONFIG for name in configs.KERNELS}
     elif AUTOTUNE and block_sizes is None:
-        return None
+        return None  # (in float32 tuning skips the candidates whose tiles do not fit)
+    elif dtype == torch.float32:  # ieee dots, twice the shared memory of the 16-bit tiles: a correctness path
+        chosen = {name: configs.FP32_GPU_CONFIG for name in configs.KERNELS}
     else:
         chosen = {name: configs.candidates(name, head_dim, arch)[0] for name in configs.KERNELS}
     if block_sizes is not None:
@@ -428,7 +438,7 @@ def _autotuned(name: str, arch: int, head_dim_class: int):
     fail to compile on the device are skipped by Triton; results are cached on disk across processes."""
     return triton.autotune(
         configs=configs.GPU_CONFIGS[arch][name][head_dim_class],
-        key=["tune_length", "BLOCK_D", "HAS_BIAS", "ROPE", "CAUSAL", "HAS_WINDOW", "HAS_KEY_MASK", "HAS_KEY_LIMIT",
+        key=["tune_lq", "tune_lk", "BLOCK_D", "HAS_BIAS", "ROPE", "CAUSAL", "HAS_WINDOW", "HAS_KEY_MASK", "HAS_KEY_LIMIT",
              "DROPOUT"],
         # dK/dV writes one row of bias-table partials per key block: rows a larger tile leaves must stay zero.
         reset_to_zero=["DTABLE"] if name == "dkdv" else None,
@@ -438,10 +448,10 @@ def _autotuned(name: str, arch: int, head_dim_class: int):
 
 def _launch(name: str, grid, plan: "_Plan", **args) -> None:
     """Launch kernel `name` with the plan's configuration, or autotuned; `grid` maps the tile sizes to the grid."""
-    if plan.configs is None:
+    if plan.tiles is None:
         _autotuned(name, plan.arch, configs.head_dim_class(plan.block_d))[grid](**args)
     else:
-        _KERNELS[name][grid](**args, **plan.configs[name].all_kwargs())
+        _KERNELS[name][grid](**args, **plan.tiles[name].all_kwargs())
 
 
 def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -480,7 +490,7 @@ def _launch_args(plan: _Plan, q: torch.Tensor, bias_lut: Optional[torch.Tensor])
         HAS_WINDOW=plan.window is not None, HAS_KEY_MASK=plan.key_mask is not None,
         HAS_KEY_LIMIT=plan.key_limit is not None, DROPOUT=plan.dropout_p > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_D=plan.block_d, tune_length=plan.tune_length,
+        BLOCK_D=plan.block_d, tune_lq=plan.tune_lq, tune_lk=plan.tune_lk,
     )
 
 
@@ -528,11 +538,11 @@ class _FlashAttention(torch.autograd.Function):
             sdob=grad_out.stride(0), sdoh=grad_out.stride(1), sdom=grad_out.stride(2),
             Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, H=H, Lq=Lq, Lk=Lk, head_dim=D,
         )
-        # Tables per key block are laid out per KEY_GRAIN keys: the tile size is chosen at launch when autotuned.
+        # Tables per key tile are sized for KEY_GRAIN-key tiles, the smallest: autotuning picks the tile at launch.
         grains = triton.cdiv(Lk, configs.KEY_GRAIN)
         num_buckets = plan.bias.table.shape[0] if plan.bias is not None else 1
         dtable_parts = None
-        if plan.bias is not None:  # zeros: a key tile of several grains writes only its first row
+        if plan.bias is not None:  # zeros: tile pid_n writes row pid_n, rows from cdiv(Lk, BLOCK_N) on stay unwritten
             dtable_parts = torch.zeros((B * H, grains, num_buckets), dtype=torch.float32, device=q.device)
         query_start = None
         if plan.key_limit is not None:
@@ -637,7 +647,7 @@ def flash_attention(
         scale=row_scale, bias=bias, bucket_lut=bucket_lut, rope=rope, key_mask=key_mask, key_end=key_end,
         key_limit=key_limit, causal=causal, window=window, query_offset=query_offset, dropout_p=float(dropout_p),
         seed=_dropout_seed(dropout_seed) if dropout_p > 0 else 0,
-        block_d=max(16, triton.next_power_of_2(D)), tune_length=triton.next_power_of_2(max(Lq, Lk)),
-        arch=arch, configs=_launch_configs(D, arch, block_sizes),
+        block_d=max(16, triton.next_power_of_2(D)), tune_lq=triton.next_power_of_2(Lq),
+        tune_lk=triton.next_power_of_2(Lk), arch=arch, tiles=_launch_tiles(D, q.dtype, arch, block_sizes),
     )
     return _FlashAttention.apply(q, k, v, bias.table if bias is not None else None, plan)
