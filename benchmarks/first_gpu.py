@@ -46,7 +46,8 @@ def environment() -> dict:
     env = dict(date=date.today().isoformat(), torch=torch.__version__, triton=triton.__version__,
                cuda=torch.version.cuda, interpreter=os.environ.get("TRITON_INTERPRET") == "1")
     if CUDA:
-        env.update(device=torch.cuda.get_device_name(), capability=".".join(map(str, torch.cuda.get_device_capability())))
+        capability = torch.cuda.get_device_capability()
+        env.update(device=torch.cuda.get_device_name(), capability=f"{capability[0]}.{capability[1]}")
     return env
 
 

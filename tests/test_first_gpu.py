@@ -21,7 +21,8 @@ def test_first_gpu_command_smoke(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = (out / "summary.md").read_text()
     assert summary.count("exit 0") == 2 and "profiles tuned" in summary, summary
-    assert " passed" in (out / "kernel_tests.log").read_text() and "failed" not in (out / "kernel_tests.log").read_text()
+    log = (out / "kernel_tests.log").read_text()
+    assert " passed" in log and "failed" not in log, log
 
     tuned = json.loads((out / "autotune.json").read_text())["rows"]
     assert [r["profile"] for r in tuned] == ["t5-encoder", "roformer-unilm"]

@@ -438,8 +438,8 @@ def _autotuned(name: str, arch: int, head_dim_class: int):
     fail to compile on the device are skipped by Triton; results are cached on disk across processes."""
     return triton.autotune(
         configs=configs.GPU_CONFIGS[arch][name][head_dim_class],
-        key=["tune_lq", "tune_lk", "BLOCK_D", "HAS_BIAS", "ROPE", "CAUSAL", "HAS_WINDOW", "HAS_KEY_MASK", "HAS_KEY_LIMIT",
-             "DROPOUT"],
+        key=["tune_lq", "tune_lk", "BLOCK_D", "HAS_BIAS", "ROPE", "CAUSAL", "HAS_WINDOW", "HAS_KEY_MASK",
+             "HAS_KEY_LIMIT", "DROPOUT"],
         # dK/dV writes one row of bias-table partials per key block: rows a larger tile leaves must stay zero.
         reset_to_zero=["DTABLE"] if name == "dkdv" else None,
         cache_results=True,
