@@ -26,12 +26,13 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 from unittest import mock
 
+from .configs import KERNELS as ATTENTION_KERNELS
 from .profiles import PROFILES
 
 TRITON_VERSION = "3.9."  # the private API below (binder, ASTSource, ptxas log) as of this release
 # Largest shared memory per block (opt-in), bytes: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-KERNELS = ("fwd", "dkdv", "dq", "keep_mask")
+KERNELS = (*ATTENTION_KERNELS, "keep_mask")
 BATCH, HEADS, LENGTH = 2, 12, 512  # T5 PEGASUS base: 12 heads; the pretraining encoder length
 
 
@@ -196,7 +197,7 @@ def default_tiles(results: list[Result], dtype: str = "bfloat16") -> str:
     lines = [f"| arch | d | profile ({dtype}) | forward | dK/dV (+ d table) | dQ |", "|---|---|---|---|---|---|"]
     for (arch, head_dim, profile), kernels in sorted(rows.items()):
         lines.append(f"| sm_{arch} | {head_dim} | {list(PROFILES)[profile]} | "
-                     + " | ".join(_cell(kernels.get(k)) for k in ("fwd", "dkdv", "dq")) + " |")
+                     + " | ".join(_cell(kernels.get(k)) for k in ATTENTION_KERNELS) + " |")
     return "\n".join(lines)
 
 
@@ -205,15 +206,15 @@ def candidate_summary(results: list[Result]) -> str:
     model = {name for name, p in PROFILES.items() if p.model}
     groups: dict = {}
     for r in results:
-        if r.kernel in ("fwd", "dkdv", "dq"):
-            groups.setdefault((r.arch, r.head_dim, ("fwd", "dkdv", "dq").index(r.kernel), r.config), []).append(r)
+        if r.kernel in ATTENTION_KERNELS:
+            groups.setdefault((r.arch, r.head_dim, ATTENTION_KERNELS.index(r.kernel), r.config), []).append(r)
     lines = ["| arch | d | kernel | tile (M x N / warps / stages) | max shared KiB | max regs | max spill B, model "
              "profiles | max spill B, any | MMA | failed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (arch, head_dim, kernel, config), rs in sorted(groups.items()):
         ok = [r for r in rs if not r.error]
         model_spills = [r.spill_bytes for r in ok if r.profile in model]
         lines.append(
-            f"| sm_{arch} | {head_dim} | {('fwd', 'dkdv', 'dq')[kernel]} | {config}{'*' if rs[0].default else ''} | "
+            f"| sm_{arch} | {head_dim} | {ATTENTION_KERNELS[kernel]} | {config}{'*' if rs[0].default else ''} | "
             f"{max((r.shared_kib for r in ok), default=0):.0f} | {max((r.registers for r in ok), default=0)} | "
             f"{max(model_spills, default=0)} | {max((r.spill_bytes for r in ok), default=0)} | "
             f"{'/'.join(sorted({r.mma for r in ok}))} | {len(rs) - len(ok)} of {len(rs)} |")
