@@ -8,15 +8,17 @@ characters for T5 PEGASUS, characters for RoFormerV2), examples made by the obje
 (pegasus: max_source_len 256, max_target_len 64; mlm: max_len 128). The last 256 examples are held out; the
 training batches (32 examples) come from the rest in one seeded order, the same for every row (`--seed` changes
 the initialisations and that order, not the held-out examples).
-Training: AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-6, weight decay 0.01 on matrices), 20 linear warm-up steps,
-then constant; no dropout; one process, `--threads` torch threads. Held-out loss: mean cross-entropy per predicted
-token over all 256 examples; accuracy: argmax equal to the label, over the same tokens.
+Training: each row's optimizer (AdamW: lr 1e-3, betas 0.9/0.999, eps 1e-6; AdamWScale and Adafactor: the
+relative lr shown; weight decay 0.01 on matrices), 20 linear warm-up steps, then constant; no dropout; one
+process, `--threads` torch threads. Held-out loss: mean cross-entropy per predicted token over all 256 examples;
+accuracy: argmax equal to the label, over the same tokens.
 
 Rows (baselines: transformers' models of the same dims, their own initialisation):
-  t5_pegasus   suformer bert4keras mode (the default: the head's optimizer group compensates the output scale),
-               the same with one learning rate for all weights (what the default did before), suformer hf mode,
+  t5_pegasus   suformer bert4keras mode (the default) under AdamW, AdamWScale and Adafactor (train.optimizer;
+               under AdamW the head's group compensates the output scale), suformer hf mode under AdamW,
                transformers MT5ForConditionalGeneration
-  roformer_v2  suformer RoFormerV2, transformers RoFormerForMaskedLM (v1), transformers BertForMaskedLM
+  roformer_v2  suformer RoFormerV2 under the same optimizers, transformers RoFormerForMaskedLM (v1),
+               transformers BertForMaskedLM
 """
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ from suformer.data.dataset import examples_from_documents
 from suformer.data.objectives import OBJECTIVES
 from suformer.models import build_model
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
-from suformer.train.loop import learning_rate_factor, optimizer_groups
+from suformer.train.loop import learning_rate_factor
+from suformer.train.optimizers import Adafactor, AdamWScale, adamw, parameter_groups
 
 HELD_OUT, BATCH, LR, EPS, DECAY, WARMUP = 256, 32, 1e-3, 1e-6, 0.01, 20
+SCALED = [("adamw_scale", 1e-2), ("adamw_scale", 2e-2), ("adafactor", 1e-2)]  # relative step sizes
 OBJECTIVE = {"t5_pegasus": "pegasus", "roformer_v2": "mlm"}
 
 
@@ -88,13 +92,6 @@ def held_out(family: str, model, rows: list[dict], collate) -> tuple[float, floa
     return loss / tokens, correct / tokens
 
 
-def one_group_per_decay(model) -> list[dict]:
-    """The optimizer groups before the head compensation: one learning rate for every weight."""
-    params = list(model.parameters())
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": DECAY},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def transformers_model(name: str, vocab: int):
     import transformers
 
@@ -110,28 +107,46 @@ def transformers_model(name: str, vocab: int):
     return transformers.BertForMaskedLM(transformers.BertConfig(**dims))
 
 
+def optimizer(name: str, lr: float = LR):
+    """A factory of our pretraining optimizer `name` over our parameter groups, as train.optimizer builds it."""
+    def make(model):
+        groups = parameter_groups(model, name, lr, DECAY, EPS)
+        return adamw(groups, offloaded=False) if name == "adamw" else \
+            (AdamWScale if name == "adamw_scale" else Adafactor)(groups)
+    return make
+
+
+def reference_adamw(model):
+    """transformers' models: AdamW with one learning rate, decay on matrices only."""
+    params = list(model.parameters())
+    return adamw([{"params": [p for p in params if p.ndim >= 2], "lr": LR, "weight_decay": DECAY, "eps": EPS},
+                  {"params": [p for p in params if p.ndim < 2], "lr": LR, "weight_decay": 0.0, "eps": EPS}],
+                 offloaded=False)
+
+
 def contenders(family: str, vocab: int):
-    """(row name, model factory, optimizer groups) in table order."""
+    """(row name, model factory, optimizer factory) in table order."""
     ours = lambda **kw: build_model(family, "tiny", vocab_size=vocab, dropout=0.0, **kw)  # noqa: E731
-    groups = lambda model: optimizer_groups(model, LR, DECAY, EPS)  # noqa: E731
+    scaled = [(f"{name} lr {lr:g}", optimizer(name, lr)) for name, lr in SCALED]
     if family == "t5_pegasus":
-        return [("suformer, compat=bert4keras (default)", lambda: ours(compat="bert4keras"), groups),
-                ("suformer, compat=bert4keras, one lr for all weights (before)", lambda: ours(compat="bert4keras"),
-                 one_group_per_decay),
-                ("suformer, compat=hf", lambda: ours(compat="hf"), groups),
-                ("transformers MT5ForConditionalGeneration (baseline)", lambda: transformers_model("mt5", vocab),
-                 one_group_per_decay)]
-    return [("suformer RoFormerV2", lambda: ours(), groups),
-            ("transformers RoFormerForMaskedLM, v1 (baseline)", lambda: transformers_model("roformer", vocab),
-             one_group_per_decay),
-            ("transformers BertForMaskedLM", lambda: transformers_model("bert", vocab), one_group_per_decay)]
+        b4k = lambda: ours(compat="bert4keras")  # noqa: E731
+        return ([(f"suformer, compat=bert4keras, adamw lr {LR:g}", b4k, optimizer("adamw"))]
+                + [(f"suformer, compat=bert4keras, {label}", b4k, make) for label, make in scaled]
+                + [(f"suformer, compat=hf, adamw lr {LR:g}", lambda: ours(compat="hf"), optimizer("adamw")),
+                   ("transformers MT5ForConditionalGeneration (baseline)", lambda: transformers_model("mt5", vocab),
+                    reference_adamw)])
+    return ([(f"suformer RoFormerV2, adamw lr {LR:g}", ours, optimizer("adamw"))]
+            + [(f"suformer RoFormerV2, {label}", ours, make) for label, make in scaled]
+            + [("transformers RoFormerForMaskedLM, v1 (baseline)", lambda: transformers_model("roformer", vocab),
+                reference_adamw),
+               ("transformers BertForMaskedLM", lambda: transformers_model("bert", vocab), reference_adamw)])
 
 
-def train(family: str, make_model, make_groups, train_rows, held_rows, steps: int, every: int, seed: int) -> dict:
+def train(family: str, make_model, make_optimizer, train_rows, held_rows, steps: int, every: int, seed: int) -> dict:
     collate = OBJECTIVES[OBJECTIVE[family]].collate
     torch.manual_seed(seed)
     model = make_model().train()
-    optimizer = torch.optim.AdamW(make_groups(model), lr=LR, betas=(0.9, 0.999), eps=EPS)
+    optimizer = make_optimizer(model)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate_factor(s, WARMUP, steps, "constant", 1.0))
     order = itertools.cycle(random.Random(seed + 1).sample(range(len(train_rows)), len(train_rows)))
@@ -167,8 +182,9 @@ def main():
         print(f"\n## {family}: {len(train_rows)} training examples, vocab {vocab}; held-out loss (accuracy) by step")
         print("| model | " + " | ".join(f"step {s}" for s in steps) + " | train s | vs baseline at the end |")
         print("|---|" + "---|" * (len(steps) + 2))
-        results = [(name, train(family, make, groups, train_rows, held_rows, args.steps, args.every, args.seed))
-                   for name, make, groups in contenders(family, vocab)]
+        results = [(name, train(family, make, make_optimizer, train_rows, held_rows, args.steps, args.every,
+                                args.seed))
+                   for name, make, make_optimizer in contenders(family, vocab)]
         baseline = next(r for name, r in results if "baseline" in name)["curve"][steps[-1]][0]
         for name, r in results:
             cells = " | ".join(f"{r['curve'][s][0]:.3f} ({r['curve'][s][1]:.1%})" for s in steps)

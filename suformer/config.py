@@ -90,9 +90,12 @@ class TrainSection(_Strict):
     max_tokens_per_batch: Optional[int] = Field(None, gt=0)  # token budget: fewer rows for long batches
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1)
+    # adamw; adamw_scale: AdamW whose step is scaled by each weight's RMS (nanoT5); adafactor: unfactored, relative
+    # steps (T5). The scaled ones take a relative lr, about 1e-2 (train/optimizers.py).
+    optimizer: Literal["adamw", "adamw_scale", "adafactor"] = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    adam_eps: float = Field(1e-6, gt=0)  # bert4keras Adam
+    adam_eps: float = Field(1e-6, gt=0)  # bert4keras Adam; adamw_scale's too
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -107,6 +110,9 @@ class TrainSection(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     eval_every: Optional[int] = Field(None, ge=1)  # steps between validations; None: at every checkpoint
     keep_checkpoints: int = Field(2, ge=1)
+    # The checkpoint exported as the run's model: the last, or the one with the lowest validation loss (validation
+    # then also runs at every checkpoint, and the kept checkpoints are the best ones plus the latest).
+    export_checkpoint: Literal["last", "best"] = "last"
     max_failures: int = Field(3, ge=-1)
     samples_to_log: int = Field(4, ge=0)
 
@@ -182,6 +188,9 @@ class PretrainConfig(_Job):
             if self.train.max_tokens_per_batch < longest:
                 raise ValueError(f"train.max_tokens_per_batch {self.train.max_tokens_per_batch} cannot hold one "
                                  f"example of the maximum length {longest}")
+        if self.train.export_checkpoint == "best" and not self.data.validation_examples:
+            raise ValueError("train.export_checkpoint=best picks by validation loss: it needs "
+                             "data.validation_examples > 0")
         return self
 
 

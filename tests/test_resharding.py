@@ -57,7 +57,7 @@ def _worker(rank, world, port, stage, folder, phase):
     resume = newest_complete([Location.of(folder / "step-00000002")], world) if phase == "load" else None
     if resume and resume.needs_universal:
         config["checkpoint"] = {"load_universal": True}
-    load_deepspeed_ops(ops_for(use_gpu=False, offload_optimizer=False))  # as a training worker does
+    load_deepspeed_ops(ops_for(use_gpu=False))  # as a training worker does
     deepspeed.init_distributed(dist_backend="gloo")
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
                                       config=config)

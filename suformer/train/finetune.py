@@ -37,6 +37,7 @@ from ..tricks.lora import apply_lora, trainable_parameters
 from ..tricks.rdrop import rdrop_loss, repeat_for_rdrop
 from ..tricks.simcse import simcse_loss
 from ..tricks.sparse_softmax import sparse_softmax_cross_entropy
+from .optimizers import adamw
 
 
 def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
@@ -96,7 +97,7 @@ def _deepspeed_engine(model, optimizer, schedule, t):
     import deepspeed
     from .jit_ops import load_deepspeed_ops, ops_for
 
-    load_deepspeed_ops(ops_for(torch.cuda.is_available(), t.offload_optimizer))
+    load_deepspeed_ops(ops_for(torch.cuda.is_available()))
     if not dist.is_initialized():
         import socket
 
@@ -173,7 +174,7 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
         if tricks.layerwise_lr_decay else [{"params": trainable, "lr": t.lr, "weight_decay": decay}]
     for group in groups:
         group.pop("names", None)
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = adamw(groups, offloaded=t.zero_stage is not None and t.offload_optimizer)
     steps_per_epoch = math.ceil(len(train) / t.batch_size)
     total, warmup = steps_per_epoch * t.epochs, int(steps_per_epoch * t.epochs * t.warmup_ratio)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0

@@ -10,13 +10,16 @@ kernel releases it when its holder dies, so whoever holds it knows that no sufor
 from __future__ import annotations
 
 import fcntl
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def ops_for(use_gpu: bool, offload_optimizer: bool) -> list[str]:
+def ops_for(use_gpu: bool) -> list[str]:
     """The JIT ops a DeepSpeed engine will load: on CPU the shared-memory collective op (built when its comm
-    backend starts), and the CPU Adam kernel when the optimizer state is offloaded."""
-    return (["ShareMemCommBuilder"] if not use_gpu else []) + (["CPUAdamBuilder"] if offload_optimizer else [])
+    backend starts). The CPU Adam kernel of an offloaded optimizer state is loaded by `optimizers.adamw`."""
+    return ["ShareMemCommBuilder"] if not use_gpu else []
 
 
 def load_deepspeed_ops(names: list[str]) -> None:
@@ -30,10 +33,24 @@ def load_deepspeed_ops(names: list[str]) -> None:
         if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
             continue  # DeepSpeed skips it too
         build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
-        with open(build_dir.parent / ".suformer-build.lock", "w") as held:
+        with open(build_dir.parent / ".suformer-build.lock", "w") as held, _environments_ninja_first():
             fcntl.flock(held, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)  # under the flock, nobody is building: a leftover
             builder.load(verbose=False)
+
+
+@contextmanager
+def _environments_ninja_first():
+    """torch builds with the first `ninja` on PATH. The environment's own (the `ninja` package DeepSpeed depends
+    on, 1.13 here) and a system one (1.11) each read the other's build log as "too old" and rebuild the op from
+    scratch, minutes on a small machine, whenever processes with different PATHs (a shell, a Ray worker) load it:
+    every process here uses the environment's."""
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 if __name__ == "__main__":  # `make setup`: build this machine's ops once, before a first run waits for them
@@ -42,4 +59,4 @@ if __name__ == "__main__":  # `make setup`: build this machine's ops once, befor
     from .deepspeed_config import deepspeed_process_settings
 
     deepspeed_process_settings(torch.cuda.is_available())
-    load_deepspeed_ops(ops_for(torch.cuda.is_available(), offload_optimizer=False))
+    load_deepspeed_ops(ops_for(torch.cuda.is_available()))

@@ -21,8 +21,9 @@ from ..config import PretrainConfig
 from ..models import build_model, from_pretrained
 from ..storage import Location
 from .batches import StreamPosition, micro_batches, step_sums, to_device
-from .deepspeed_config import deepspeed_config, deepspeed_process_settings
+from .deepspeed_config import deepspeed_config, deepspeed_process_settings, flattens_parameters
 from .jit_ops import load_deepspeed_ops, ops_for
+from .optimizers import build_optimizer
 from .run_checkpoints import (checkpoints_newest_first, newest_complete, prune_unregistered_checkpoints, restore,
                               save_checkpoint)
 from .validation import Validation
@@ -56,29 +57,9 @@ def learning_rate_factor(step: int, warmup: int, total: int, schedule: str, min_
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def optimizer_groups(model, lr: float, weight_decay: float, eps: float) -> list[dict]:
-    """AdamW parameter groups. bert4keras excludes 'Norm' and 'bias' from weight decay: here every 1-d tensor.
-
-    A weight read through a fixed multiplier m (`output_multipliers`: bert4keras mode's head, logits = W (h m),
-    initialised at std 1 = its hf-mode twin's std d**-0.5 / m) gets lr / m, eps * m and weight decay * m. Adam's
-    step does not grow with the gradient, so without this the head moved 1/m = sqrt(d_model) times slower in
-    function space than in hf mode (0.29 nats behind after 400 steps: benchmarks/convergence.py); with it, W * m
-    follows exactly the trajectory of the hf-mode head (tested), while the function and the checkpoints stay
-    bert4keras'."""
-    multipliers = getattr(model, "output_multipliers", dict)()
-    groups: dict[tuple, list] = {}
-    for name, p in model.named_parameters():
-        m = multipliers.get(name, 1.0)
-        decay = weight_decay if p.ndim >= 2 else 0.0
-        groups.setdefault((lr / m, eps * m, decay * m), []).append(p)
-    # Groups in a fixed order; no empty group (DeepSpeed drops them).
-    return [{"params": params, "lr": g_lr, "eps": g_eps, "weight_decay": g_decay}
-            for (g_lr, g_eps, g_decay), params in groups.items()]
-
-
 def _optimizer(model, cfg: PretrainConfig):
     t = cfg.train
-    optimizer = torch.optim.AdamW(optimizer_groups(model, t.lr, t.weight_decay, t.adam_eps), betas=(0.9, 0.999))
+    optimizer = build_optimizer(model, t, flat_partitions=flattens_parameters(t))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate_factor(s, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
     )
@@ -133,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = build(cfg, config["vocab_size"])
     optimizer, schedule = _optimizer(model, cfg)
-    load_deepspeed_ops(ops_for(t.use_gpu, t.offload_optimizer))
+    load_deepspeed_ops(ops_for(t.use_gpu))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     device = engine.device
     step, position, nonfinite_skipped = 0, StreamPosition(), 0
@@ -226,9 +207,12 @@ def train_loop_per_worker(config: dict) -> None:
             window.zero_()
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
-        if validation and (step % eval_every == 0 or step == t.max_steps):
+        checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
+        validated = None
+        if validation and (step % eval_every == 0 or step == t.max_steps
+                           or (checkpoint_now and t.export_checkpoint == "best")):
             started = time.perf_counter()
-            metrics = validation.evaluate(engine, device)
+            metrics = validated = validation.evaluate(engine, device)
             metrics["val/seconds"] = time.perf_counter() - started
             if logger:
                 logger.log(step, metrics)
@@ -236,12 +220,14 @@ def train_loop_per_worker(config: dict) -> None:
                      f"val acc {metrics['val/token_accuracy']:.3f} | {metrics['val/seconds']:.1f} s")
             window_start += metrics["val/seconds"]  # not counted as training time in tokens/s
 
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
+        if checkpoint_now:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(engine, Path(tmp), rank, position, {
                     "step": step, "run_id": config["run_id"], "world_size": world,
                     "nonfinite_skipped": nonfinite_skipped})
-                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                # val_loss: the score Ray Train keeps the best checkpoints by (train.export_checkpoint=best)
+                ray.train.report({"step": step, **({"val_loss": validated["val/loss"]} if validated else {})},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{step:08d}")
             if rank == 0:
                 prune_unregistered_checkpoints(run_storage, t.keep_checkpoints)
