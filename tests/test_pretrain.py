@@ -66,6 +66,7 @@ def loss_history(cfg, metric="train/loss"):
 
 # The fault tests' run: checkpoints before and after the fault (at step 6), a warm-up to resume inside of.
 FAULT_RUN = dict(max_steps=12, checkpoint_every=4, warmup_steps=2, max_failures=2, zero_stage=1)
+BEST_RUN_LR = 5e-2  # AdamW on the tiny RoFormerV2: the held-out loss falls, then rises again within 4 steps
 
 
 @pytest.fixture(scope="module")
@@ -356,23 +357,47 @@ def roformer_root(tmp_path_factory):
 
 @pytest.mark.parametrize("objective", ["mlm", "unilm"])
 def test_roformer_v2_objectives_train_and_export(ray_cluster, roformer_root, tmp_path, objective):
+    """Both objectives train and export. The UniLM run exports its best checkpoint instead of its last: a learning
+    rate high enough that the validation loss turns back up, a checkpoint (and so a validation) at every step,
+    one kept besides the best."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from mlflow.tracking import MlflowClient
 
     from suformer.train.pretrain import run_pretraining
 
+    best = objective == "unilm"
+    steps = 4 if best else 3
     sets = [f"run.root={roformer_root}", f"run.name=roformer-{objective}", f"data.objective={objective}",
             "data.max_documents=400", "data.rows_per_shard=40", "data.validation_examples=20",
-            "data.vocab_size=2000", "data.max_len=96",
-            "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "train.micro_batch_size=4",
+            "data.vocab_size=2000", "data.max_len=96", f"train.max_steps={steps}",
+            f"train.checkpoint_every={1 if best else 3}", "train.log_every=1", "train.micro_batch_size=4",
             "train.samples_to_log=1"]
+    if best:
+        sets += ["train.export_checkpoint=best", "train.keep_checkpoints=1", f"train.lr={BEST_RUN_LR}",
+                 "train.warmup_steps=0", "train.schedule=constant"]
     cfg = load_config(str(REPO / "jobs" / "configs" / "roformer_v2_tiny_cpu.yaml"), sets)
     result = run_pretraining(cfg)
     run, history = loss_history(cfg)
-    assert [s for s, _ in history] == [1, 2, 3] and run.info.status == "FINISHED"
+    assert [s for s, _ in history] == list(range(1, steps + 1)) and run.info.status == "FINISHED"
     model = from_pretrained(result["model_dir"])
     assert model.config.family == "roformer_v2" and model.config.vocab_size == 2000
     samples = MlflowClient(cfg.tracking_uri).download_artifacts(run.info.run_id, "samples.txt", str(tmp_path))
     assert "predicted:" in Path(samples).read_text()
+    if not best:
+        return
+    _, validation = loss_history(cfg, "val/loss")
+    assert [s for s, _ in validation] == [1, 2, 3, 4]
+    best_step = min(validation, key=lambda sv: sv[1])[0]
+    assert best_step < steps, f"the validation loss never turned up ({validation}): best and last coincide"
+    assert run.data.tags["suformer.exported_checkpoint"] == f"step-{best_step:08d}"
+    # Ray Train kept the best checkpoint and the latest (which resuming needs), nothing else.
+    folders = {c.name: c for c in (Location.of(cfg.run.root) / "checkpoints" / cfg.run.name).folders()
+               if c.name.startswith("step-")}
+    assert sorted(folders) == [f"step-{best_step:08d}", f"step-{steps:08d}"]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folders[f"step-{best_step:08d}"].path), tag="state")
+    exported = model.state_dict()
+    for key, value in state.items():
+        assert torch.equal(exported[key], value.float()), key
 
 
 def test_resubmitting_the_same_run_name_resumes_it(zero_runs):

@@ -58,6 +58,18 @@ def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> 
     return out_dir
 
 
+def _checkpoint_to_export(result, train) -> tuple:
+    """(checkpoint, its step): the last one, or the kept one with the lowest validation loss."""
+    if train.export_checkpoint == "last":
+        return result.checkpoint, train.max_steps
+    scored = [(metrics["val_loss"], metrics["step"], checkpoint) for checkpoint, metrics in result.best_checkpoints
+              if "val_loss" in metrics]
+    loss, step, checkpoint = min(scored, key=lambda s: s[:2])
+    print(f"[suformer] exporting the checkpoint of step {step}: lowest validation loss of the {len(scored)} kept "
+          f"({loss:.4f})", flush=True)
+    return checkpoint, step
+
+
 def _samples(cfg: PretrainConfig, model_dir: Path, file: str, fs, count: int) -> str:
     """A few generations (T5) or MLM predictions (RoFormerV2) of the exported model on the first examples of
     `file` (a held-out one when there is validation)."""
@@ -150,7 +162,10 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage.path, storage_filesystem=None if storage.is_local else storage.fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # By validation loss with export_checkpoint=best; Ray Train also keeps the latest, which resuming needs.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_order="min",
+                checkpoint_score_attribute="val_loss" if cfg.train.export_checkpoint == "best" else None),
         ),
     )
     try:
@@ -165,11 +180,12 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
         raise TrainingStopped(f"training stopped: {stopped}. Last good checkpoint: {latest}. Resubmitting the same "
                               "run.name resumes from it (--set train.nonfinite_loss=skip to skip the bad batches)")
     model_dir = cfg.run_dir / "model"
+    checkpoint, step = _checkpoint_to_export(result, cfg.train)
+    tracking.set_tag(uri, run_id, "suformer.exported_checkpoint", Location(storage.fs, checkpoint.path).name)
     with tempfile.TemporaryDirectory() as tmp:  # made here, then copied to the run root (maybe object storage)
-        exported = _export(result.checkpoint, cfg, len(tokenizer), Path(tmp) / "model")
+        exported = _export(checkpoint, cfg, len(tokenizer), Path(tmp) / "model")
         tokenizer.save_pretrained(exported)
-        tracking.log_model(uri, run_id, str(exported), name=cfg.run.name, step=cfg.train.max_steps,
-                           model_type=cfg.model.family)
+        tracking.log_model(uri, run_id, str(exported), name=cfg.run.name, step=step, model_type=cfg.model.family)
         if cfg.train.samples_to_log:
             samples = _samples(cfg, exported, (held_out or files)[0], shards.fs, cfg.train.samples_to_log)
             tracking.log_text(uri, run_id, samples, "samples.txt")
