@@ -110,6 +110,10 @@ def train_loop_per_worker(config: dict) -> None:
     resume = newest_complete(checkpoints, world) if checkpoints else None
     ds_config = deepspeed_config(t)
     if resume and resume.needs_universal:
+        if t.optimizer != "adamw":  # DeepSpeed's universal checkpoint does not map our optimizers' state yet
+            raise RuntimeError(f"{resume.directory.name} was written by {resume.state['world_size']} workers: a "
+                               f"train.optimizer={t.optimizer} run resumes with as many (train.num_workers="
+                               f"{resume.state['world_size']}); another number needs train.optimizer=adamw")
         ds_config["checkpoint"] = {"load_universal": True}
 
     model = build(cfg, config["vocab_size"])
