@@ -40,7 +40,7 @@ from suformer.data.objectives import OBJECTIVES
 from suformer.models import build_model
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
 from suformer.train.loop import learning_rate_factor
-from suformer.train.optimizers import Adafactor, AdamWScale, adamw, parameter_groups
+from suformer.train.optimizers import adamw, optimizer_named, parameter_groups
 
 HELD_OUT, BATCH, LR, EPS, DECAY, WARMUP = 256, 32, 1e-3, 1e-6, 0.01, 20
 SCALED = [("adamw_scale", 1e-2), ("adamw_scale", 2e-2), ("adafactor", 1e-2)]  # relative step sizes
@@ -110,9 +110,7 @@ def transformers_model(name: str, vocab: int):
 def optimizer(name: str, lr: float = LR):
     """A factory of our pretraining optimizer `name` over our parameter groups, as train.optimizer builds it."""
     def make(model):
-        groups = parameter_groups(model, name, lr, DECAY, EPS)
-        return adamw(groups, offloaded=False) if name == "adamw" else \
-            (AdamWScale if name == "adamw_scale" else Adafactor)(groups)
+        return optimizer_named(name, parameter_groups(model, name, lr, DECAY, EPS))
     return make
 
 

@@ -10,18 +10,12 @@ import torch
 import torch.multiprocessing as mp
 
 from suformer.models import build_model
-from suformer.train.optimizers import Adafactor, AdamWScale, parameter_groups
+from suformer.train.optimizers import Adafactor, AdamWScale, optimizer_named, parameter_groups
 
 D_MODEL, VOCAB = 128, 500
 # Relative step sizes for the scaled optimizers (their lr multiplies the weight's RMS), absolute for AdamW.
 SETTINGS = {"adamw": dict(lr=1e-3, weight_decay=0.1, eps=1e-6), "adamw_scale": dict(lr=1e-2, weight_decay=0.1,
             eps=1e-6), "adafactor": dict(lr=1e-2, weight_decay=0.1, eps=1e-6)}
-
-
-def _optimizer(name, groups, partitioned=False):
-    if name == "adamw":
-        return torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    return (AdamWScale if name == "adamw_scale" else Adafactor)(groups, partitioned=partitioned)
 
 
 def _twins():
@@ -66,8 +60,8 @@ def test_the_bert4keras_head_follows_the_hf_heads_trajectory(name):
     assert hf.output_multipliers() == {} and scaled.output_multipliers() == {"lm_head.weight": D_MODEL**-0.5}
     torch.testing.assert_close(_logits(scaled), _logits(hf))  # the same function before training
     before = _logits(hf)
-    _train(hf, _optimizer(name, parameter_groups(hf, name, **SETTINGS[name])))
-    _train(scaled, _optimizer(name, parameter_groups(scaled, name, **SETTINGS[name])))
+    _train(hf, optimizer_named(name, parameter_groups(hf, name, **SETTINGS[name])))
+    _train(scaled, optimizer_named(name, parameter_groups(scaled, name, **SETTINGS[name])))
     assert (_logits(hf) - before).abs().max() > 1  # it did learn
     torch.testing.assert_close(scaled.lm_head.weight * D_MODEL**-0.5, hf.lm_head.weight, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(_logits(scaled), _logits(hf), rtol=1e-9, atol=1e-10)
@@ -77,9 +71,9 @@ def test_without_the_compensation_the_bert4keras_head_lags():
     """The counter-test: the same twins under one learning rate for all weights part ways (what the default did)."""
     hf, scaled = _twins()
     initial = hf.lm_head.weight.detach().clone()
-    _train(hf, _optimizer("adamw", parameter_groups(hf, "adamw", **SETTINGS["adamw"])))
-    _train(scaled, _optimizer("adamw", [{"params": list(scaled.parameters()), "lr": 1e-3, "weight_decay": 0.1,
-                                         "eps": 1e-6}]))
+    _train(hf, optimizer_named("adamw", parameter_groups(hf, "adamw", **SETTINGS["adamw"])))
+    one_lr = [{"params": list(scaled.parameters()), "lr": 1e-3, "weight_decay": 0.1, "eps": 1e-6}]
+    _train(scaled, optimizer_named("adamw", one_lr))
     moved_hf = (hf.lm_head.weight - initial).norm()
     moved_scaled = (scaled.lm_head.weight * D_MODEL**-0.5 - initial).norm()
     assert moved_scaled < moved_hf / 4  # sqrt(128) = 11.3 times less in function space, give or take Adam's path
@@ -205,7 +199,7 @@ def _one_process(name: str) -> dict:
     """The same steps in one process: the mean of the two workers' losses (DeepSpeed averages their gradients)."""
     torch.manual_seed(0)
     model = build_model("t5_pegasus", "tiny", vocab_size=VOCAB, dropout=0.0)
-    optimizer = _optimizer(name, parameter_groups(model, name, **SETTINGS[name]))
+    optimizer = optimizer_named(name, parameter_groups(model, name, **SETTINGS[name]))
     for step in range(STEPS):
         optimizer.zero_grad()
         (sum(model(**_zero_batch(rank, step)).loss for rank in range(2)) / 2).backward()

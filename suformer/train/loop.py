@@ -110,10 +110,10 @@ def train_loop_per_worker(config: dict) -> None:
     resume = newest_complete(checkpoints, world) if checkpoints else None
     ds_config = deepspeed_config(t)
     if resume and resume.needs_universal:
-        if t.optimizer != "adamw":  # DeepSpeed's universal checkpoint does not map our optimizers' state yet
+        if t.optimizer == "adafactor":  # DeepSpeed's converter reads Adam's two moments; Adafactor keeps one
             raise RuntimeError(f"{resume.directory.name} was written by {resume.state['world_size']} workers: a "
-                               f"train.optimizer={t.optimizer} run resumes with as many (train.num_workers="
-                               f"{resume.state['world_size']}); another number needs train.optimizer=adamw")
+                               f"train.optimizer=adafactor run resumes with as many (train.num_workers="
+                               f"{resume.state['world_size']}); another number needs adamw or adamw_scale")
         ds_config["checkpoint"] = {"load_universal": True}
 
     model = build(cfg, config["vocab_size"])

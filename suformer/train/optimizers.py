@@ -54,11 +54,15 @@ def build_optimizer(model, train: TrainSection, flat_partitions: bool) -> torch.
     """`train.optimizer` over `parameter_groups`. `flat_partitions`: DeepSpeed will hand the optimizer flat
     partitions rather than the model's tensors (deepspeed_config.flattens_parameters)."""
     groups = parameter_groups(model, train.optimizer, train.lr, train.weight_decay, train.adam_eps)
-    if train.optimizer == "adamw":
-        return adamw(groups, offloaded=train.offload_optimizer)
-    if train.optimizer == "adamw_scale":
-        return AdamWScale(groups, partitioned=flat_partitions)
-    return Adafactor(groups, partitioned=flat_partitions)
+    return optimizer_named(train.optimizer, groups, partitioned=flat_partitions, offloaded=train.offload_optimizer)
+
+
+def optimizer_named(name: str, groups: list[dict], partitioned: bool = False,
+                    offloaded: bool = False) -> torch.optim.Optimizer:
+    """The optimizer `name` (train.optimizer) over `parameter_groups(model, name, ...)`."""
+    if name == "adamw":
+        return adamw(groups, offloaded=offloaded)
+    return {"adamw_scale": AdamWScale, "adafactor": Adafactor}[name](groups, partitioned=partitioned)
 
 
 def adamw(groups: list[dict], offloaded: bool) -> torch.optim.Optimizer:
