@@ -2,20 +2,22 @@
 transformers' reference models of the same size, trained side by side on the same examples in the same order.
 
     python benchmarks/convergence.py [--steps 400] [--families t5_pegasus roformer_v2] [--threads 2] [--seed 0]
+        [--lr 1e-3] [--scaled adamw_scale=0.02 adafactor=0.01] [--rows TEXT ...]
 
 Data: People's Daily paragraphs (the `make pretrain` corpus), a vocab built from them (8,000 tokens: jieba words +
 characters for T5 PEGASUS, characters for RoFormerV2), examples made by the objectives of the data stage
 (pegasus: max_source_len 256, max_target_len 64; mlm: max_len 128). The last 256 examples are held out; the
 training batches (32 examples) come from the rest in one seeded order, the same for every row (`--seed` changes
 the initialisations and that order, not the held-out examples).
-Training: each row's optimizer (AdamW: lr 1e-3, betas 0.9/0.999, eps 1e-6; AdamWScale and Adafactor: the
-relative lr shown; weight decay 0.01 on matrices), 20 linear warm-up steps, then constant; no dropout; one
+Training: each row's optimizer (AdamW: lr 1e-3 or `--lr`, betas 0.9/0.999, eps 1e-6; AdamWScale and Adafactor:
+the relative lr shown, `--scaled`; weight decay 0.01 on matrices), 20 linear warm-up steps, then constant; no dropout; one
 process, `--threads` torch threads. Held-out loss: mean cross-entropy per predicted token over all 256 examples;
 accuracy: argmax equal to the label, over the same tokens.
 
-Rows (baselines: transformers' models of the same dims, their own initialisation):
-  t5_pegasus   suformer bert4keras mode (the default) under AdamW, AdamWScale and Adafactor (train.optimizer;
-               under AdamW the head's group compensates the output scale), suformer hf mode under AdamW,
+Rows (baselines: transformers' models of the same dims, their own initialisation, under AdamW; the baseline
+trains first and each row prints when it is done; `--rows` picks rows by name):
+  t5_pegasus   suformer in bert4keras mode (the default) and in hf mode, each under AdamW, AdamWScale and
+               Adafactor (train.optimizer; under AdamW the bert4keras head's group compensates the output scale),
                transformers MT5ForConditionalGeneration
   roformer_v2  suformer RoFormerV2 under the same optimizers, transformers RoFormerForMaskedLM (v1),
                transformers BertForMaskedLM
@@ -43,7 +45,7 @@ from suformer.train.loop import learning_rate_factor
 from suformer.train.optimizers import adamw, optimizer_named, parameter_groups
 
 HELD_OUT, BATCH, LR, EPS, DECAY, WARMUP = 256, 32, 1e-3, 1e-6, 0.01, 20
-SCALED = [("adamw_scale", 1e-2), ("adamw_scale", 2e-2), ("adafactor", 1e-2)]  # relative step sizes
+SCALED = [("adamw_scale", 2e-2), ("adafactor", 1e-2)]  # relative step sizes: nanoT5's and T5's
 OBJECTIVE = {"t5_pegasus": "pegasus", "roformer_v2": "mlm"}
 
 
@@ -107,37 +109,37 @@ def transformers_model(name: str, vocab: int):
     return transformers.BertForMaskedLM(transformers.BertConfig(**dims))
 
 
-def optimizer(name: str, lr: float = LR):
+def optimizer(name: str, lr: float):
     """A factory of our pretraining optimizer `name` over our parameter groups, as train.optimizer builds it."""
     def make(model):
         return optimizer_named(name, parameter_groups(model, name, lr, DECAY, EPS))
     return make
 
 
-def reference_adamw(model):
+def reference_adamw(lr: float):
     """transformers' models: AdamW with one learning rate, decay on matrices only."""
-    params = list(model.parameters())
-    return adamw([{"params": [p for p in params if p.ndim >= 2], "lr": LR, "weight_decay": DECAY, "eps": EPS},
-                  {"params": [p for p in params if p.ndim < 2], "lr": LR, "weight_decay": 0.0, "eps": EPS}],
-                 offloaded=False)
+    def make(model):
+        params = list(model.parameters())
+        return adamw([{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": DECAY, "eps": EPS},
+                      {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0, "eps": EPS}],
+                     offloaded=False)
+    return make
 
 
-def contenders(family: str, vocab: int):
-    """(row name, model factory, optimizer factory) in table order."""
+def contenders(family: str, vocab: int, lr: float = LR, scaled_rates=tuple(SCALED)):
+    """(row name, model factory, optimizer factory) in table order; `lr`: every AdamW row's."""
     ours = lambda **kw: build_model(family, "tiny", vocab_size=vocab, dropout=0.0, **kw)  # noqa: E731
-    scaled = [(f"{name} lr {lr:g}", optimizer(name, lr)) for name, lr in SCALED]
+    settings = [(f"adamw lr {lr:g}", optimizer("adamw", lr))] + [
+        (f"{name} lr {rate:g}", optimizer(name, rate)) for name, rate in scaled_rates]
     if family == "t5_pegasus":
-        b4k = lambda: ours(compat="bert4keras")  # noqa: E731
-        return ([(f"suformer, compat=bert4keras, adamw lr {LR:g}", b4k, optimizer("adamw"))]
-                + [(f"suformer, compat=bert4keras, {label}", b4k, make) for label, make in scaled]
-                + [(f"suformer, compat=hf, adamw lr {LR:g}", lambda: ours(compat="hf"), optimizer("adamw")),
-                   ("transformers MT5ForConditionalGeneration (baseline)", lambda: transformers_model("mt5", vocab),
-                    reference_adamw)])
-    return ([(f"suformer RoFormerV2, adamw lr {LR:g}", ours, optimizer("adamw"))]
-            + [(f"suformer RoFormerV2, {label}", ours, make) for label, make in scaled]
+        return ([(f"suformer, compat={compat}, {label}", lambda compat=compat: ours(compat=compat), make)
+                 for compat in ("bert4keras", "hf") for label, make in settings]
+                + [("transformers MT5ForConditionalGeneration (baseline)", lambda: transformers_model("mt5", vocab),
+                    reference_adamw(lr))])
+    return ([(f"suformer RoFormerV2, {label}", ours, make) for label, make in settings]
             + [("transformers RoFormerForMaskedLM, v1 (baseline)", lambda: transformers_model("roformer", vocab),
-                reference_adamw),
-               ("transformers BertForMaskedLM", lambda: transformers_model("bert", vocab), reference_adamw)])
+                reference_adamw(lr)),
+               ("transformers BertForMaskedLM", lambda: transformers_model("bert", vocab), reference_adamw(lr))])
 
 
 def train(family: str, make_model, make_optimizer, train_rows, held_rows, steps: int, every: int, seed: int) -> dict:
@@ -170,7 +172,13 @@ def main():
     parser.add_argument("--families", nargs="+", default=["t5_pegasus", "roformer_v2"], choices=list(OBJECTIVE))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="initialisations and batch order")
+    parser.add_argument("--lr", type=float, default=LR, help="every AdamW row's learning rate, baselines' too")
+    parser.add_argument("--scaled", nargs="*", default=[f"{name}={rate:g}" for name, rate in SCALED],
+                        metavar="OPTIMIZER=LR", help="our rows under adamw_scale / adafactor at these relative rates")
+    parser.add_argument("--rows", nargs="*", metavar="TEXT",
+                        help="only the rows whose name holds one of these (the baseline always runs)")
     args = parser.parse_args()
+    scaled_rates = [(name, float(rate)) for name, rate in (item.split("=") for item in args.scaled)]
     torch.set_num_threads(args.threads)
     print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {args.steps} steps of "
           f"{BATCH}, held-out {HELD_OUT}, seed {args.seed}")
@@ -180,13 +188,16 @@ def main():
         print(f"\n## {family}: {len(train_rows)} training examples, vocab {vocab}; held-out loss (accuracy) by step")
         print("| model | " + " | ".join(f"step {s}" for s in steps) + " | train s | vs baseline at the end |")
         print("|---|" + "---|" * (len(steps) + 2))
-        results = [(name, train(family, make, make_optimizer, train_rows, held_rows, args.steps, args.every,
-                                args.seed))
-                   for name, make, make_optimizer in contenders(family, vocab)]
-        baseline = next(r for name, r in results if "baseline" in name)["curve"][steps[-1]][0]
-        for name, r in results:
+        rows = contenders(family, vocab, args.lr, scaled_rates)
+        rows = sorted((row for row in rows if "baseline" in row[0] or not args.rows
+                       or any(text in row[0] for text in args.rows)), key=lambda row: "baseline" not in row[0])
+        baseline = None  # trained first, so that each row prints as soon as it is done
+        for name, make, make_optimizer in rows:
+            r = train(family, make, make_optimizer, train_rows, held_rows, args.steps, args.every, args.seed)
+            baseline = r["curve"][steps[-1]][0] if baseline is None else baseline
             cells = " | ".join(f"{r['curve'][s][0]:.3f} ({r['curve'][s][1]:.1%})" for s in steps)
-            print(f"| {name} | {cells} | {r['seconds']:.0f} | {r['curve'][steps[-1]][0] - baseline:+.3f} nats |")
+            print(f"| {name} | {cells} | {r['seconds']:.0f} | {r['curve'][steps[-1]][0] - baseline:+.3f} nats |",
+                  flush=True)
 
 
 if __name__ == "__main__":
