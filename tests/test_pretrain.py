@@ -517,13 +517,20 @@ def damaged_model(zero_runs, tmp_path_factory):
     return _model_with_a_damaged_token(zero_runs, tmp_path_factory.mktemp("damaged_model"))
 
 
+# The damaged row is inf from the start, so the config's adamw_scale (steps scaled by each weight's RMS) would turn
+# the whole embedding non-finite at the first step; AdamW's steps are per element, so only that row stays damaged
+# and a NaN reaching any other weight shows.
+PER_ELEMENT_STEPS = dict(optimizer="adamw", lr=1e-3)
+
+
 def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, store):
     from mlflow.tracking import MlflowClient
 
     from suformer.train.pretrain import run_pretraining
 
     cfg = load_config(CONFIG, small(store, "skip-nan", max_steps=6, checkpoint_every=3, max_failures=0,
-                                    nonfinite_loss="skip", zero_stage=3) + [f"model.init_from={damaged_model}"])
+                                    nonfinite_loss="skip", zero_stage=3, **PER_ELEMENT_STEPS)
+                      + [f"model.init_from={damaged_model}"])
     result = run_pretraining(cfg)
     run, history = loss_history(cfg)
     assert run.info.status == "FINISHED" and [s for s, _ in history] == list(range(1, 7))
@@ -540,7 +547,8 @@ def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damage
     from suformer.train.pretrain import TrainingStopped, run_pretraining
 
     cfg = load_config(CONFIG, small(store, "stop-nan", max_steps=20, checkpoint_every=1, max_failures=0,
-                                    nonfinite_loss="stop") + [f"model.init_from={damaged_model}"])
+                                    nonfinite_loss="stop", **PER_ELEMENT_STEPS)
+                      + [f"model.init_from={damaged_model}"])
     with pytest.raises(TrainingStopped, match=r"non-finite loss at step (\d+)") as stop:
         run_pretraining(cfg)
     stopped_at = int(re.search(r"non-finite loss at step (\d+)", str(stop.value)).group(1))
