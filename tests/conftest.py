@@ -71,6 +71,38 @@ def tokenizer(vocab_file):
     return Tokenizer(vocab_file, pre_tokenize="jieba")
 
 
+# Tokens that take each branch of the mT5 transplant's lookup (suformer/models/mt5_transplant.py) besides the many
+# plain words: `##年` finds `年`; `##喵喵` finds only `▁##喵喵` (the published quirk: a user symbol of the test's
+# sentencepiece model); `新华社记者` finds `▁新华社记者`; `##中国人民` finds nothing, so it becomes a compound token
+# whose pieces include unknown `#`s.
+TRANSPLANT_TOKENS = ["##年", "##喵喵", "新华社记者", "##中国人民"]
+
+
+@pytest.fixture(scope="session")
+def tiny_mt5(tmp_path_factory, news):
+    """A transformers MT5 (untied, gated GELU) with a sentencepiece model trained on People's Daily in mT5's id
+    layout (pad 0, eos 1, unk 2, no bos), and a jieba word vocab of the same text to transplant it onto."""
+    import sentencepiece
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("mt5")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(news[:1500]), model_prefix=str(folder / "spiece"), vocab_size=2500, pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, character_coverage=0.995, num_threads=1, minloglevel=2,
+        user_defined_symbols=["\u2581##喵喵", "\u2581新华社记者"])
+    config = MT5Config(vocab_size=2500 + 12, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2,
+                       num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                       dropout_rate=0.0)
+    model = MT5ForConditionalGeneration(config)
+    # Untied (transformers >= 5 ties MT5 whatever the config says), at the scale of a trained untied head.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(2500 + 12, 64) * 64**-0.5)
+    model.save_pretrained(folder)
+    vocab = folder / "vocab.txt"
+    words = build_vocab(news[:700], 1500)
+    write_vocab(words + [t for t in TRANSPLANT_TOKENS if t not in words], vocab)
+    return folder, vocab
+
+
 def _free_port():
     import socket
 
