@@ -562,3 +562,29 @@ def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damage
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1].local_folder()), tag="state")
     assert _nonfinite_entries(state) == state["shared.weight"].shape[1]  # only the damaged row
+
+
+def test_a_converted_mt5_pretrains_through_the_job(ray_cluster, store, tiny_mt5, tmp_path):
+    """The T5 PEGASUS path: `jobs/convert.py mt5-to-t5-pegasus`, then `jobs/pretrain.py` with model.init_from. The
+    run trains the converted model on its own vocab: the export keeps the vocab, and its weights are a few small
+    steps from the converted ones (a fresh initialisation would be nowhere near them)."""
+    from test_config import pretrain_main
+    from test_convert import convert_main
+
+    mt5_dir, vocab = tiny_mt5
+    converted = tmp_path / "t5_pegasus"
+    assert convert_main()(["mt5-to-t5-pegasus", "--mt5", str(mt5_dir), "--vocab", str(vocab),
+                           "--out", str(converted)]) == 0
+    sets = small(store, "from-mt5", max_steps=3, checkpoint_every=3, optimizer="adamw", lr=1e-3) + [
+        f"model.init_from={converted}"]
+    assert pretrain_main()(["--config", CONFIG] + [a for s in sets for a in ("--set", s)]) == 0
+    cfg = load_config(CONFIG, sets)
+    run, history = loss_history(cfg)
+    assert run.info.status == "FINISHED" and [s for s, _ in history] == [1, 2, 3]
+    exported = cfg.run_dir / "model"
+    assert (exported / "vocab.txt").read_bytes() == (converted / "vocab.txt").read_bytes()
+    start, end = from_pretrained(converted).state_dict(), from_pretrained(exported.uri).state_dict()
+    assert start.keys() == end.keys()
+    for key in start:
+        moved = (end[key] - start[key]).norm() / start[key].norm()
+        assert 0 < moved < 0.1, f"{key} moved by {moved:.3f} of its norm"

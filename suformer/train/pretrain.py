@@ -49,7 +49,9 @@ def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> 
         else:
             with contextlib.redirect_stdout(io.StringIO()):  # its step-by-step prints; errors still raise
                 state = get_fp32_state_dict_from_zero_checkpoint(d, tag=CHECKPOINT_TAG)
-    model = build(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})}), vocab_size)
+    # The trained model's architecture: init_from's when set (its dimensions need not be a preset's), whose
+    # weights the checkpoint's then replace.
+    model = build(cfg, vocab_size)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     tied = {"lm_head.weight", "cls.predictions.decoder.weight"}
     if unexpected or set(missing) - tied:
