@@ -1,6 +1,7 @@
-"""Checkpoint import/export in the formats users have: transformers' MT5 layout (the public T5 PEGASUS port) and
-JunnYu's RoFormerV2 layout. Both models name their parameters after these layouts, so loading is validation plus
-two renames; every missing, unexpected or mis-shaped tensor is an error that names it.
+"""Checkpoint import/export in the formats users have: transformers' MT5 layout (the public T5 PEGASUS port),
+JunnYu's RoFormerV2 layout, and (import only) Su's bert4keras TensorFlow releases (bert4keras.py maps their names
+onto these layouts). Both models name their parameters after these layouts, so loading is validation plus two
+renames; every missing, unexpected or mis-shaped tensor is an error that names it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..storage import Location
+from .bert4keras import is_bert4keras_dir, read_bert4keras
 from .roformer import RoFormerV2Config, RoFormerV2ForMaskedLM
 from .t5 import T5PegasusConfig, T5PegasusForConditionalGeneration
 
@@ -198,7 +200,8 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
 
 
 def from_pretrained(path, compat: Optional[str] = None, **overrides):
-    """Load a T5 PEGASUS (transformers MT5 layout) or RoFormerV2 (JunnYu layout) directory: a local path or a URI
+    """Load a T5 PEGASUS (transformers MT5 layout) or RoFormerV2 (JunnYu layout) directory, or a bert4keras release
+    as published (TensorFlow checkpoint + config.json/bert_config.json): a local path or a URI
     (`s3://bucket/runs/<name>/model`, copied once into the temp dir).
 
     `compat` applies to T5: "bert4keras" (default: the model as trained) or "hf" (exactly transformers' MT5).
@@ -209,14 +212,21 @@ def from_pretrained(path, compat: Optional[str] = None, **overrides):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     config_file = path / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{config_file}: not found")
-    try:
-        cfg = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
-    family = detect_family(cfg, str(config_file))
-    state = _canonical_state(family, _read_weights(path), path)
+    if not any((path / name).exists() for name in _WEIGHT_FILES) and is_bert4keras_dir(path):
+        try:
+            family, cfg, state = read_bert4keras(path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    else:
+        if not config_file.exists():
+            raise CheckpointError(f"{config_file}: not found")
+        try:
+            cfg = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+        family = detect_family(cfg, str(config_file))
+        state = _read_weights(path)
+    state = _canonical_state(family, state, path)
     try:
         if family == "t5_pegasus":
             # Tied iff the head is absent or equal to the embedding: transformers >= 5 writes
