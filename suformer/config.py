@@ -213,7 +213,9 @@ SEQ2SEQ_TASKS = ("idiom",)
 
 class FinetuneDataSection(_Strict):
     task: Literal["sentiment", "similarity", "ner", "idiom"] = "sentiment"
-    path: Optional[str] = None  # similarity: a senteval_cn folder (*.train.data, *.valid.data, *.test.data)
+    # similarity: a senteval_cn folder (*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder;
+    # ner: CLUENER's folder (train.json, dev.json) instead of People's Daily
+    path: Optional[str] = None
     split_seed: int = 0
     max_len: int = Field(64, ge=8)
     max_train_examples: Optional[int] = Field(None, gt=0)  # a fixed subsample (CPU runs)
@@ -295,7 +297,7 @@ class FinetuneConfig(_Job):
                                  "at a save_pretrained folder (e.g. <run.root>/<run.name>/model of a pretraining run)")
         if task == "similarity" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
             raise ValueError(f"data.path {self.data.path!r}: the similarity task needs a senteval_cn folder "
-                             "(*.train.data, *.valid.data, *.test.data)")
+                             "(*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder (train.json, dev.json)")
         if tricks.rdrop_alpha and task not in RDROP_TASKS:
             raise ValueError(f"tricks.rdrop_alpha: R-Drop's KL compares softmax outputs, which task {task!r} "
                              f"does not have (use it with {list(RDROP_TASKS)})")

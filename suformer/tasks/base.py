@@ -36,6 +36,33 @@ def seeded_split(rows: list, seed: int, dev: float = 0.1, test: float = 0.1) -> 
     return {"dev": rows[:n_dev], "test": rows[n_dev:n_dev + n_test], "train": rows[n_dev + n_test:]}
 
 
+def read_json_lines(path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a CLUE-style JSON-lines file (UTF-8, a BOM allowed); a
+    line that is not a JSON object is an error naming the file and line."""
+    import json
+
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object")
+            yield number, row
+
+
+def split_off_dev(rows: list, seed: int, dev: float = 0.1) -> tuple[list, list]:
+    """(train, dev): a seeded `dev` fraction of `rows` held out, for benchmarks whose published test set has no
+    labels, so their labelled dev set serves as the test set."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_dev = round(len(rows) * dev)
+    return rows[n_dev:], rows[:n_dev]
+
+
 class Task:
     family = "roformer_v2"  # the model family it fine-tunes
     metric = "accuracy"  # the dev metric that picks the best epoch (logged as dev/<metric>)

