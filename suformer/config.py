@@ -206,14 +206,17 @@ class FinetuneModelSection(_Strict):
 
 
 # The model family each fine-tuning task trains, and the tricks that only make sense for some tasks.
-TASK_FAMILY = {"sentiment": "roformer_v2", "similarity": "roformer_v2", "ner": "roformer_v2", "idiom": "t5_pegasus"}
-RDROP_TASKS = ("sentiment", "idiom")  # a KL between softmax outputs: class or token distributions
-SEQ2SEQ_TASKS = ("idiom",)
+TASK_FAMILY = {"sentiment": "roformer_v2", "classification": "roformer_v2", "similarity": "roformer_v2",
+               "ner": "roformer_v2", "idiom": "t5_pegasus", "title": "t5_pegasus"}
+# A KL between softmax outputs: class or token distributions.
+RDROP_TASKS = ("sentiment", "classification", "idiom", "title")
+SEQ2SEQ_TASKS = ("idiom", "title")
 
 
 class FinetuneDataSection(_Strict):
-    task: Literal["sentiment", "similarity", "ner", "idiom"] = "sentiment"
+    task: Literal["sentiment", "classification", "similarity", "ner", "idiom", "title"] = "sentiment"
     # similarity: a senteval_cn folder (*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder;
+    # classification: a CLUE folder (TNEWS, IFLYTEK: train.json, dev.json, labels.json); title: a CSL folder;
     # ner: CLUENER's folder (train.json, dev.json) instead of People's Daily
     path: Optional[str] = None
     split_seed: int = 0
@@ -221,7 +224,8 @@ class FinetuneDataSection(_Strict):
     max_train_examples: Optional[int] = Field(None, gt=0)  # a fixed subsample (CPU runs)
     max_eval_examples: Optional[int] = Field(None, gt=0)
     vocab_size: int = Field(6000, gt=106)  # char vocab from the training texts when model.init_from is unset
-    num_beams: int = Field(1, ge=1)  # idiom: beam width of the constrained decoding
+    num_beams: int = Field(1, ge=1)  # idiom, title: beam width (bert4keras' beam search)
+    max_target_len: int = Field(32, ge=2)  # title: tokens of the target, [CLS] and [SEP] included (Su: 32)
 
 
 class TricksSection(_Strict):
@@ -258,6 +262,11 @@ class FinetuneTrainSection(_Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-5, gt=0)
+    # adafactor: the CLUE recipe of RoFormerV2 (bert4keras' AdaFactor, unfactored, beta1 0.9, steps relative to
+    # each weight's RMS), as train/optimizers.py implements it for pretraining.
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    # After the warm-up: linear decay to 0, or constant (Su's fine-tuning scripts: bert4keras' optimizers as built).
+    schedule: Literal["linear", "constant"] = "linear"
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
@@ -295,6 +304,15 @@ class FinetuneConfig(_Job):
             if missing:
                 raise ValueError(f"model.init_from {self.model.init_from!r} has no {' or '.join(missing)}: point it "
                                  "at a save_pretrained folder (e.g. <run.root>/<run.name>/model of a pretraining run)")
+        if task == "title" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
+            raise ValueError(f"data.path {self.data.path!r}: the title task needs a CSL folder "
+                             "(train.tsv, val.tsv, test.tsv: title<TAB>content)")
+        if task == "classification" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
+            raise ValueError(f"data.path {self.data.path!r}: the classification task needs a CLUE folder "
+                             "(train.json, dev.json, labels.json: TNEWS or IFLYTEK)")
+        if self.train.optimizer == "adafactor" and self.train.zero_stage is not None:
+            raise ValueError("train.optimizer=adafactor runs without DeepSpeed (train.zero_stage unset): its steps "
+                             "need whole tensors, which ZeRO would hand it cut into partitions")
         if task == "similarity" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
             raise ValueError(f"data.path {self.data.path!r}: the similarity task needs a senteval_cn folder "
                              "(*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder (train.json, dev.json)")
@@ -311,8 +329,9 @@ class FinetuneConfig(_Job):
         for key, name in (("ladder_side_layers", "Ladder Side-Tuning"), ("prompt_tuning_tokens", "prompt tuning")):
             if not getattr(tricks, key):
                 continue
-            if task != "sentiment":
-                raise ValueError(f"tricks.{key}: {name} is built for data.task=sentiment")
+            if task not in ("sentiment", "classification"):
+                raise ValueError(f"tricks.{key}: {name} is built for the classification tasks (data.task=sentiment "
+                                 "or classification)")
             clash = [k for k, on in (("adversarial", tricks.adversarial != "none"), ("lora_r", tricks.lora_r),
                                      ("ptuning", tricks.ptuning != "none"),
                                      ("ladder_side_layers", key != "ladder_side_layers" and tricks.ladder_side_layers))

