@@ -13,11 +13,13 @@ weight is mT5's. Re-running the mapping on an already converted vocab keeps its 
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..tokenizer import SPECIAL_TOKENS, load_vocab
 from .checkpoints import CheckpointError, _canonical_state, _read_weights, _t5_config_from_json, load_state
@@ -38,12 +40,11 @@ class VocabTransplant:
         return len(self.tokens) - len(SPECIAL_TOKENS) - self.matched
 
     def apply(self, table: torch.Tensor) -> torch.Tensor:
-        """`table`'s rows re-indexed: row i of the result is the mean of `table[rows[i]]`."""
-        width = max(len(r) for r in self.rows)
-        index = torch.tensor([r + [r[0]] * (width - len(r)) for r in self.rows])
-        weight = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in self.rows], dtype=torch.float64)
-        summed = (table.double()[index] * weight[..., None]).sum(1)
-        return (summed / weight.sum(1, keepdim=True)).to(table.dtype)
+        """`table`'s rows re-indexed: row i of the result is the mean of `table[rows[i]]` (one pass of
+        embedding_bag: no [tokens, pieces, d_model] intermediate, which for mT5-base would be gigabytes)."""
+        pieces = torch.tensor([i for row in self.rows for i in row])
+        offsets = torch.tensor([0, *itertools.accumulate(len(row) for row in self.rows)][:-1])
+        return F.embedding_bag(pieces, table.float(), offsets, mode="mean").to(table.dtype)
 
 
 def plan_transplant(vocab: list[str], sp) -> VocabTransplant:
