@@ -211,6 +211,13 @@ TASK_FAMILY = {"sentiment": "roformer_v2", "classification": "roformer_v2", "sim
 # A KL between softmax outputs: class or token distributions.
 RDROP_TASKS = ("sentiment", "classification", "idiom", "title")
 SEQ2SEQ_TASKS = ("idiom", "title")
+# The tasks whose data the user brings in a folder (`data.path`), and what it holds.
+TASK_FOLDERS = {
+    "similarity": "a senteval_cn folder (*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder "
+                  "(train.json, dev.json)",
+    "classification": "a CLUE folder (train.json, dev.json, labels.json: TNEWS or IFLYTEK)",
+    "title": "a CSL folder (train.tsv, val.tsv, test.tsv: title<TAB>content)",
+}
 
 
 class FinetuneDataSection(_Strict):
@@ -304,18 +311,11 @@ class FinetuneConfig(_Job):
             if missing:
                 raise ValueError(f"model.init_from {self.model.init_from!r} has no {' or '.join(missing)}: point it "
                                  "at a save_pretrained folder (e.g. <run.root>/<run.name>/model of a pretraining run)")
-        if task == "title" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
-            raise ValueError(f"data.path {self.data.path!r}: the title task needs a CSL folder "
-                             "(train.tsv, val.tsv, test.tsv: title<TAB>content)")
-        if task == "classification" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
-            raise ValueError(f"data.path {self.data.path!r}: the classification task needs a CLUE folder "
-                             "(train.json, dev.json, labels.json: TNEWS or IFLYTEK)")
+        if task in TASK_FOLDERS and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
+            raise ValueError(f"data.path {self.data.path!r}: the {task} task needs {TASK_FOLDERS[task]}")
         if self.train.optimizer == "adafactor" and self.train.zero_stage is not None:
             raise ValueError("train.optimizer=adafactor runs without DeepSpeed (train.zero_stage unset): its steps "
                              "need whole tensors, which ZeRO would hand it cut into partitions")
-        if task == "similarity" and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
-            raise ValueError(f"data.path {self.data.path!r}: the similarity task needs a senteval_cn folder "
-                             "(*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder (train.json, dev.json)")
         if tricks.rdrop_alpha and task not in RDROP_TASKS:
             raise ValueError(f"tricks.rdrop_alpha: R-Drop's KL compares softmax outputs, which task {task!r} "
                              f"does not have (use it with {list(RDROP_TASKS)})")

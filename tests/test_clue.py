@@ -43,6 +43,17 @@ def test_afqmc_folder_splits_with_clues_dev_set_as_the_test_set(tmp_path, news):
     assert similarity_splits(tmp_path, seed=3) == splits and similarity_splits(tmp_path, seed=4) != splits
 
 
+@pytest.mark.parametrize("name, read", [("train.json", read_clue_pairs), ("train.tsv", "csl")])
+def test_a_gbk_file_is_named_with_its_first_line_that_is_not_utf8(tmp_path, name, read):
+    from suformer.tasks.title import read_csl
+
+    path = tmp_path / name
+    good = ('{"sentence1": "花呗", "sentence2": "借呗", "label": "1"}\n' if name.endswith("json") else "标题\t摘要\n")
+    path.write_bytes(good.encode("utf-8") * 2 + good.encode("gbk"))
+    with pytest.raises(ValueError, match=rf"{name}:3: not UTF-8 text"):
+        (read_csl if read == "csl" else read)(path)
+
+
 def test_afqmc_lines_without_a_label_or_json_are_named(tmp_path):
     bad = write_lines(tmp_path / "test.json", [{"sentence1": "花呗", "sentence2": "借呗", "label": "1"},
                                                {"sentence1": "花呗", "sentence2": "借呗"}])

@@ -36,22 +36,35 @@ def seeded_split(rows: list, seed: int, dev: float = 0.1, test: float = 0.1) -> 
     return {"dev": rows[:n_dev], "test": rows[n_dev:n_dev + n_test], "train": rows[n_dev + n_test:]}
 
 
+def text_lines(path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file (a BOM allowed; "\r\n" endings kept for the caller to strip); a
+    file in another encoding (GBK, say) is an error naming the file and its first line that is not UTF-8. Lines
+    are decoded one by one, so that line is the one named."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (save the file as UTF-8; GBK files are common "
+                                 "for Chinese data)") from None
+            yield number, line
+
+
 def read_json_lines(path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-empty line of a CLUE-style JSON-lines file (UTF-8, a BOM allowed); a
     line that is not a JSON object is an error naming the file and line."""
     import json
 
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: not a JSON object")
-            yield number, row
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
+        yield number, row
 
 
 def split_off_dev(rows: list, seed: int, dev: float = 0.1) -> tuple[list, list]:

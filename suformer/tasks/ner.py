@@ -69,6 +69,12 @@ def ner_splits(seed: int = 0, dev: float = 0.1, test: float = 0.1) -> dict[str, 
     return seeded_split(peoples_daily_sentences(), seed, dev, test)
 
 
+def _is_span_list(value) -> bool:
+    """[[start, end], ...] of integers."""
+    return isinstance(value, list) and all(
+        isinstance(span, list) and len(span) == 2 and all(isinstance(i, int) for i in span) for span in value)
+
+
 def read_cluener(path) -> list[Sentence]:
     """The sentences of a CLUENER2020 file; a span must spell its entity, or the line is named."""
     sentences = []
@@ -81,10 +87,9 @@ def read_cluener(path) -> list[Sentence]:
         for kind, entities in labels.items():
             if kind not in CLUENER_TYPES:
                 raise ValueError(f"{path}:{number}: entity type {kind!r} is not one of CLUENER's {CLUENER_TYPES}")
-            for entity, positions in (entities.items() if isinstance(entities, dict) else [(kind, None)]):
-                if not (isinstance(positions, list) and all(
-                        isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) for i in p) for p in positions)):
-                    raise ValueError(f"{path}:{number}: {kind}: expected {{entity: [[start, end], ...]}}")
+            if not (isinstance(entities, dict) and all(map(_is_span_list, entities.values()))):
+                raise ValueError(f"{path}:{number}: {kind}: expected {{entity: [[start, end], ...]}}")
+            for entity, positions in entities.items():
                 for start, end in positions:
                     if text[start:end + 1] != entity:
                         raise ValueError(f"{path}:{number}: {kind} span [{start}, {end}] is "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .base import text_lines
 from .seq2seq import Seq2SeqTask, char_rouge_bleu
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "val.tsv", "test": "test.tsv"}
@@ -19,17 +20,16 @@ SPLIT_FILES = {"train": "train.tsv", "dev": "val.tsv", "test": "test.tsv"}
 def read_csl(path) -> list[tuple[str, str]]:
     """(content, title) rows of a CSL file: `title<TAB>content` per line, surrounding whitespace stripped."""
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2 or not all(fields):
-                raise ValueError(f"{path}:{number}: expected title<TAB>content, got {len(fields)} field(s)"
-                                 + (" with an empty one" if len(fields) == 2 else ""))
-            title, content = fields
-            rows.append((content, title))
+    for number, line in text_lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not all(fields):
+            raise ValueError(f"{path}:{number}: expected title<TAB>content, got {len(fields)} field(s)"
+                             + (" with an empty one" if len(fields) == 2 else ""))
+        title, content = fields
+        rows.append((content, title))
     if not rows:
         raise ValueError(f"{path}: no title/content lines")
     return rows
