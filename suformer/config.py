@@ -196,7 +196,7 @@ class PretrainConfig(_Job):
 
 
 class FinetuneModelSection(_Strict):
-    family: Literal["roformer_v2", "t5_pegasus"] = "roformer_v2"  # must be the task's (TASK_FAMILY)
+    family: Literal["roformer_v2", "t5_pegasus"] = "roformer_v2"  # must be the task's (its Task.family)
     preset: str = "tiny"
     init_from: Optional[str] = None  # a save_pretrained model of the family (e.g. a pretraining run's export)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)  # Su uses 0.3 with R-Drop and SimCSE
@@ -205,23 +205,8 @@ class FinetuneModelSection(_Strict):
     attention_backend: Optional[str] = None
 
 
-# The model family each fine-tuning task trains, and the tricks that only make sense for some tasks.
-TASK_FAMILY = {"sentiment": "roformer_v2", "classification": "roformer_v2", "similarity": "roformer_v2",
-               "ner": "roformer_v2", "idiom": "t5_pegasus", "title": "t5_pegasus"}
-# A KL between softmax outputs: class or token distributions.
-RDROP_TASKS = ("sentiment", "classification", "idiom", "title")
-SEQ2SEQ_TASKS = ("idiom", "title")
-# The tasks whose data the user brings in a folder (`data.path`), and what it holds.
-TASK_FOLDERS = {
-    "similarity": "a senteval_cn folder (*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder "
-                  "(train.json, dev.json)",
-    "classification": "a CLUE folder (train.json, dev.json, labels.json: TNEWS or IFLYTEK)",
-    "title": "a CSL folder (train.tsv, val.tsv, test.tsv: title<TAB>content)",
-}
-
-
 class FinetuneDataSection(_Strict):
-    task: Literal["sentiment", "classification", "similarity", "ner", "idiom", "title"] = "sentiment"
+    task: str = "sentiment"  # a registered task (suformer/tasks)
     # similarity: a senteval_cn folder (*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder;
     # classification: a CLUE folder (TNEWS, IFLYTEK: train.json, dev.json, labels.json); title: a CSL folder;
     # ner: CLUENER's folder (train.json, dev.json) instead of People's Daily
@@ -233,6 +218,15 @@ class FinetuneDataSection(_Strict):
     vocab_size: int = Field(6000, gt=106)  # char vocab from the training texts when model.init_from is unset
     num_beams: int = Field(1, ge=1)  # idiom, title: beam width (bert4keras' beam search)
     max_target_len: int = Field(32, ge=2)  # title: tokens of the target, [CLS] and [SEP] included (Su: 32)
+
+    @field_validator("task")
+    @classmethod
+    def _registered(cls, task):
+        from .tasks import TASKS
+
+        if task not in TASKS:
+            raise ValueError(f"{task!r} is not a task (use one of {sorted(TASKS)})")
+        return task
 
 
 class TricksSection(_Strict):
@@ -297,13 +291,14 @@ class FinetuneConfig(_Job):
 
     @model_validator(mode="after")
     def _fits_task(self):
-        task, tricks = self.data.task, self.tricks
+        from .tasks import TASKS
+
+        task, tricks, spec = self.data.task, self.tricks, TASKS[self.data.task]
         if "://" in self.run.root:
             raise ValueError(f"run.root {self.run.root!r}: fine-tuning keeps its runs on a local or shared "
                              "filesystem (object storage is for pretraining runs)")
-        if self.model.family != TASK_FAMILY[task]:
-
-            raise ValueError(f"data.task {task!r} fine-tunes {TASK_FAMILY[task]}, not model.family "
+        if self.model.family != spec.family:
+            raise ValueError(f"data.task {task!r} fine-tunes {spec.family}, not model.family "
                              f"{self.model.family!r}")
         if self.model.init_from:
             folder = Location.of(self.model.init_from)
@@ -311,16 +306,17 @@ class FinetuneConfig(_Job):
             if missing:
                 raise ValueError(f"model.init_from {self.model.init_from!r} has no {' or '.join(missing)}: point it "
                                  "at a save_pretrained folder (e.g. <run.root>/<run.name>/model of a pretraining run)")
-        if task in TASK_FOLDERS and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
-            raise ValueError(f"data.path {self.data.path!r}: the {task} task needs {TASK_FOLDERS[task]}")
+        if spec.data_folder and not (self.data.path and Path(self.data.path).expanduser().is_dir()):
+            raise ValueError(f"data.path {self.data.path!r}: the {task} task needs {spec.data_folder}")
         if self.train.optimizer == "adafactor" and self.train.zero_stage is not None:
             raise ValueError("train.optimizer=adafactor runs without DeepSpeed (train.zero_stage unset): its steps "
                              "need whole tensors, which ZeRO would hand it cut into partitions")
-        if tricks.rdrop_alpha and task not in RDROP_TASKS:
+        if tricks.rdrop_alpha and not spec.softmax_outputs:
+            with_softmax = [name for name, t in TASKS.items() if t.softmax_outputs]
             raise ValueError(f"tricks.rdrop_alpha: R-Drop's KL compares softmax outputs, which task {task!r} "
-                             f"does not have (use it with {list(RDROP_TASKS)})")
+                             f"does not have (use it with {with_softmax})")
         for key in ("sparse_softmax_k", "exposure_bias_replace"):
-            if getattr(tricks, key) and task not in SEQ2SEQ_TASKS:
+            if getattr(tricks, key) and not spec.seq2seq:
                 raise ValueError(f"tricks.{key} is a seq2seq trick; task {task!r} has no decoder")
         if tricks.ptuning != "none" and task != "sentiment":
             raise ValueError("tricks.ptuning casts classification as MLM at [MASK]: use it with data.task=sentiment")

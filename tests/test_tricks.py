@@ -17,7 +17,7 @@ from suformer.tricks.layerwise_lr import layerwise_lr_groups
 from suformer.tricks.lora import apply_lora, trainable_parameters
 from suformer.tricks.rdrop import rdrop_loss, repeat_for_rdrop
 from suformer.tricks.simcse import simcse_loss
-from suformer.tricks.sparse_softmax import sparse_logits, sparse_softmax_cross_entropy
+from suformer.tricks.sparse_softmax import sparse_softmax_cross_entropy
 
 
 def classifier(dtype=torch.float32, pooling="cls", attention_backend="sdpa"):
@@ -237,9 +237,6 @@ def test_sparse_softmax_is_the_cross_entropy_over_the_top_k():
     assert (logits.grad[outside & ~target] == 0).all()  # truncated logits get no gradient
     full = sparse_softmax_cross_entropy(logits, labels, k=20)
     assert full.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-12)
-    probs = sparse_logits(logits.detach(), k=5).softmax(-1)
-    top = logits.detach().topk(5, -1)
-    torch.testing.assert_close(probs.gather(-1, top.indices), top.values.softmax(-1))
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

@@ -1,21 +1,13 @@
-"""Fine-tuning tasks: benchmark readers, heads, losses and metrics."""
+"""Fine-tuning tasks: benchmark readers, heads, losses and metrics, one module each (see `base.Task`)."""
 from __future__ import annotations
+
+from . import classification, idiom, ner, similarity, title  # noqa: F401  (each module registers its tasks)
+from .registry import TASKS, register_task
 
 
 def task_for(cfg):
-    """The Task (see tasks/base.py) that `cfg.data.task` names."""
-    if cfg.data.task == "sentiment":
-        from .classification import SentimentTask as task
-    elif cfg.data.task == "classification":
-        from .classification import ClueClassificationTask as task
-    elif cfg.data.task == "similarity":
-        from .similarity import SimilarityTask as task
-    elif cfg.data.task == "ner":
-        from .ner import NERTask as task
-    elif cfg.data.task == "idiom":
-        from .idiom import IdiomTask as task
-    elif cfg.data.task == "title":
-        from .title import TitleTask as task
-    else:
-        raise ValueError(f"unknown task {cfg.data.task!r}")
-    return task(cfg)
+    """The Task that `cfg.data.task` names (the config has checked that it is registered)."""
+    return TASKS[cfg.data.task](cfg)
+
+
+__all__ = ["TASKS", "register_task", "task_for"]

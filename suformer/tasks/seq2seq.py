@@ -29,6 +29,8 @@ class Seq2SeqTask(Task):
     """Rows are (source, target) strings; features (source ids, target labels, target text). The source is cut to
     `data.max_len` tokens, the target to `target_len` (both keep [SEP], as bert4keras' truncation does)."""
     family = "t5_pegasus"
+    softmax_outputs = True
+    seq2seq = True
     target_len: int | None = None
 
     def texts(self, rows):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
 from .base import Task, pad, read_json_lines, split_off_dev
+from .registry import register_task
 
 SPLIT_SUFFIXES = {"train": ".train.data", "dev": ".valid.data", "test": ".test.data"}
 
@@ -136,8 +137,11 @@ def spearman(predicted, labels) -> float:
     return float(spearmanr(predicted, labels).statistic)
 
 
+@register_task("similarity")
 class SimilarityTask(Task):
     metric = "spearman"
+    data_folder = ("a senteval_cn folder (*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder "
+                   "(train.json, dev.json)")
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -13,6 +13,7 @@ import torch
 
 from .base import text_lines
 from .seq2seq import Seq2SeqTask, char_rouge_bleu
+from .registry import register_task
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "val.tsv", "test": "test.tsv"}
 
@@ -35,8 +36,10 @@ def read_csl(path) -> list[tuple[str, str]]:
     return rows
 
 
+@register_task("title")
 class TitleTask(Seq2SeqTask):
     metric = "bleu"
+    data_folder = "a CSL folder (train.tsv, val.tsv, test.tsv: title<TAB>content)"
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -2,21 +2,16 @@
 
 - F (task-free): every step each gradient entry is kept with probability p and scaled by 1/p (gradient dropout).
   Under Adam this acts like a learning rate scaled by sqrt(p) over the long run, so a sweep should include that
-  control arm (`sqrt_p_learning_rate`).
+  control arm (the learning rate times sqrt(p), without the mask).
 - D (task-dependent): one pass over the training set estimates the Fisher information F_i = mean (d log p(y|x) /
   d theta_i)^2 of the encoder-block parameters; the entries above the (1 - p) quantile form a fixed mask. As in the
   official code the masked gradient is not divided by p (Su's post writes g * M / p).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 import torch
-
-
-def sqrt_p_learning_rate(lr: float, reserve_p: float) -> float:
-    return lr * math.sqrt(reserve_p)
 
 
 class ChildTuningF:

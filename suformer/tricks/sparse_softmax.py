@@ -16,9 +16,3 @@ def sparse_softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, k: 
     target = logits.gather(-1, labels[:, None]).squeeze(-1)
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).values
     return (torch.logsumexp(top, dim=-1) - target).mean()
-
-
-def sparse_logits(logits: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Decoding side: logits outside the top k set to -1000 (Su's value), so softmax renormalises over the top k."""
-    kth = logits.topk(k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, -1000.0)

@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ...tokenizer import Tokenizer
 from .base import IGNORE, Objective, pad
 from .pegasus import chunk_units, makes_pseudo_summaries, no_pseudo_summary, pseudo_summary
-
-
-def unilm_example(source: str, target: str, tokenizer: Tokenizer, max_len: int = 512) -> tuple[list[int], list[int]]:
-    """(input_ids, token_type_ids) of `[CLS] source [SEP] target [SEP]`; the loss reads target positions."""
-    return tokenizer.encode_pair(source, target, maxlen=max_len)
 
 
 def unilm_labels(input_ids: list[int], token_type_ids: list[int]) -> list[int]:
@@ -34,7 +28,8 @@ def _chunk_chars(data) -> int:
 def _examples(document: str, data, tokenizer) -> list[dict]:
     rows = []
     for units in chunk_units(document, data.unit_chars, _chunk_chars(data), data.min_units):
-        ids, segments = unilm_example(*pseudo_summary(units, data.summary_rate), tokenizer, data.max_len)
+        # [CLS] source [SEP] summary [SEP] with segments 0 / 1: the loss reads the summary's positions
+        ids, segments = tokenizer.encode_pair(*pseudo_summary(units, data.summary_rate), maxlen=data.max_len)
         rows.append({"input_ids": ids, "token_type_ids": segments, "num_tokens": len(ids)})
     return rows
 
