@@ -44,8 +44,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from suformer.models import build_model  # noqa: E402
-from suformer.models.attention import AttentionMask, Rotary, T5RelativeBias, attention, rotate_qk  # noqa: E402
-from suformer.models.layers import relative_position_bucket  # noqa: E402
+from suformer.attention import (  # noqa: E402
+    AttentionMask, Rotary, T5RelativeBias, attention, relative_position_bucket, rotate_qk,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -39,6 +39,7 @@ from suformer.config import DataSection
 from suformer.data.corpora import peoples_daily
 from suformer.data.dataset import examples_from_documents
 from suformer.data.objectives import OBJECTIVES
+from suformer.padding import IGNORE_INDEX
 from suformer.models import build_model
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
 from suformer.train.loop import learning_rate_factor
@@ -78,8 +79,8 @@ def summed_loss(family: str, model, batch: dict) -> tuple[torch.Tensor, int, int
     """(summed token cross-entropy, predicted tokens, correct argmaxes) of one batch."""
     logits = model(**model_inputs(family, batch)).logits.float()
     labels = batch["labels"]
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    predicted = labels != -100
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    predicted = labels != IGNORE_INDEX
     return loss, int(predicted.sum()), int((logits.argmax(-1)[predicted] == labels[predicted]).sum())
 
 

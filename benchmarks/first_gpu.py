@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from suformer.kernels import flash  # noqa: E402
-from suformer.kernels.configs import KERNELS, arch_class, head_dim_class  # noqa: E402
-from suformer.kernels.profiles import PROFILES  # noqa: E402
+from suformer.attention.triton import flash  # noqa: E402
+from suformer.attention.triton.configs import KERNELS, arch_class, head_dim_class  # noqa: E402
+from suformer.attention.triton.profiles import PROFILES  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 MODEL_PROFILES = [name for name, profile in PROFILES.items() if profile.model]

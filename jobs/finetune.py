@@ -34,17 +34,13 @@ def main(argv=None) -> int:
     uri, root = cfg.tracking_uri, Path(cfg.run.root).expanduser().resolve()
     run_id, _ = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, run_root=root,
                                   tags={"suformer.kind": "finetune", "suformer.task": cfg.data.task}, resume=False)
-    tracking.log_params(uri, run_id, cfg.flat())
-    try:
+    with tracking.owned_run(uri, run_id):
+        tracking.log_params(uri, run_id, cfg.flat())
         out = finetune(cfg, run_id, report=_progress(cfg), splits=splits, progress=True)
         model_dir = Path(cfg.run_dir.path) / "model"
         save_finetuned(out, cfg, model_dir)
         tracking.log_model(uri, run_id, str(model_dir), name=cfg.run.name, step=cfg.train.epochs,
                            model_type=f"{cfg.model.family}-{cfg.data.task}")
-    except BaseException:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    tracking.finish_run(uri, run_id)
     tested = {k: round(v, 4) for k, v in out["metrics"].items() if k.startswith(("best_dev/", "test/"))}
     print(f"\n[suformer] done: {tested}\n[suformer] best model: {model_dir}")
     print(f"[suformer] MLflow run {run_id} in experiment {cfg.run.experiment!r}. Browse it with:")

@@ -292,8 +292,9 @@ class FinetuneConfig(_Job):
     @model_validator(mode="after")
     def _fits_task(self):
         from .tasks import TASKS
+        from .tricks import TRICKS
 
-        task, tricks, spec = self.data.task, self.tricks, TASKS[self.data.task]
+        task, spec = self.data.task, TASKS[self.data.task]
         if "://" in self.run.root:
             raise ValueError(f"run.root {self.run.root!r}: fine-tuning keeps its runs on a local or shared "
                              "filesystem (object storage is for pretraining runs)")
@@ -311,46 +312,14 @@ class FinetuneConfig(_Job):
         if self.train.optimizer == "adafactor" and self.train.zero_stage is not None:
             raise ValueError("train.optimizer=adafactor runs without DeepSpeed (train.zero_stage unset): its steps "
                              "need whole tensors, which ZeRO would hand it cut into partitions")
-        if tricks.rdrop_alpha and not spec.softmax_outputs:
-            with_softmax = [name for name, t in TASKS.items() if t.softmax_outputs]
-            raise ValueError(f"tricks.rdrop_alpha: R-Drop's KL compares softmax outputs, which task {task!r} "
-                             f"does not have (use it with {with_softmax})")
-        for key in ("sparse_softmax_k", "exposure_bias_replace"):
-            if getattr(tricks, key) and not spec.seq2seq:
-                raise ValueError(f"tricks.{key} is a seq2seq trick; task {task!r} has no decoder")
-        if tricks.ptuning != "none" and task != "sentiment":
-            raise ValueError("tricks.ptuning casts classification as MLM at [MASK]: use it with data.task=sentiment")
-        if tricks.ptuning != "none" and tricks.lora_r:
-            raise ValueError("tricks.ptuning and tricks.lora_r both choose what trains: pick one")
-        for key, name in (("ladder_side_layers", "Ladder Side-Tuning"), ("prompt_tuning_tokens", "prompt tuning")):
-            if not getattr(tricks, key):
-                continue
-            if task not in ("sentiment", "classification"):
-                raise ValueError(f"tricks.{key}: {name} is built for the classification tasks (data.task=sentiment "
-                                 "or classification)")
-            clash = [k for k, on in (("adversarial", tricks.adversarial != "none"), ("lora_r", tricks.lora_r),
-                                     ("ptuning", tricks.ptuning != "none"),
-                                     ("ladder_side_layers", key != "ladder_side_layers" and tricks.ladder_side_layers))
-                     if on]
-            if clash:
-                raise ValueError(f"tricks.{key}: {name} freezes the whole pretrained model, so tricks.{clash[0]} "
-                                 "(which trains, perturbs or replaces it) cannot be combined with it")
-        if tricks.simcse and task != "similarity":
-            raise ValueError(f"tricks.simcse trains sentence embeddings: use it with data.task=similarity, "
-                             f"not {task!r}")
         zero = self.train.zero_stage
-        if zero and tricks.child_tuning != "none":
-            raise ValueError(f"tricks.child_tuning masks gradients after backward; ZeRO-{zero} has already reduced "
-                             "them into its partitions by then: use train.zero_stage 0 or unset")
-        if zero is not None and tricks.adversarial != "none" and tricks.ptuning != "none":
-            raise ValueError("under a DeepSpeed engine the adversarial tricks run one backward, which P-tuning's "
-                             "tied MLM decoder cannot share with a perturbed embedding: drop one of them")
         if self.train.precision == "bf16" and zero is None:
             raise ValueError("train.precision bf16 is the DeepSpeed engine's: set train.zero_stage (0, 1 or 2)")
         if self.train.offload_optimizer and not zero:
             raise ValueError("train.offload_optimizer needs train.zero_stage 1 or 2")
-        if tricks.sparse_softmax_k and tricks.rdrop_alpha:
-            raise ValueError("tricks.sparse_softmax_k and tricks.rdrop_alpha each replace the loss: pick one")
+        for trick in TRICKS.values():
+            if trick.active(self.tricks):
+                trick.check(self, spec)
         return self
 
 

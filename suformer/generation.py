@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .models.attention import KVCache
+from .attention import KVCache
 
 
 class _T5Stepper:

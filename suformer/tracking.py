@@ -1,16 +1,18 @@
 """MLflow: one run per training run name, found again when the run is resubmitted or restarted.
 
-The job driver opens (or re-opens) the run and logs params and artifacts; rank 0 of the workers logs metrics into
-the same run id. Steps already in the run are never logged again, so a restart from a checkpoint that replays
-steps leaves each step once in the history.
+The job driver opens (or re-opens) the run, owns it (`owned_run`: its end status) and logs params and artifacts;
+rank 0 of the workers logs metrics into the same run id. Steps already in the run are never logged again, so a
+restart from a checkpoint that replays steps leaves each step once in the history.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .storage import Location
 
@@ -236,4 +238,38 @@ def browse_lines(tracking_uri: str, run_id: str) -> str:
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run ended with `status`: `owned_run` does it for the run a block owns; a driver settling runs whose own
+    process could not (a sweep's stopped or lost trials) calls it directly."""
     _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+@dataclass
+class OwnedRun:
+    """The run an `owned_run` block holds. `end_status` is what a normal end of the block marks it: a block sets
+    FAILED for an outcome that raises nothing (a sweep whose trials failed)."""
+
+    id: str
+    end_status: str = "FINISHED"
+
+
+@contextlib.contextmanager
+def owned_run(tracking_uri: str, run_id: str) -> Iterator[OwnedRun]:
+    """Own the end of run `run_id` (as `open_run` or `create_child_run` made it) for the block: a normal end marks
+    it `end_status` (FINISHED), Ctrl-C or a stop request KILLED, any other exception FAILED; the exception goes on.
+    A process killed outright (SIGKILL, a lost node) marks nothing: the run stays RUNNING."""
+    run = OwnedRun(run_id)
+    try:
+        yield run
+    except BaseException as error:
+        finish_run(tracking_uri, run_id, _status_after(error))
+        raise
+    finish_run(tracking_uri, run_id, run.end_status)
+
+
+def _status_after(error: BaseException) -> str:
+    # KeyboardInterrupt is Ctrl-C (or `ray job stop` with RAY_JOB_STOP_SIGNAL=SIGINT). SystemExit is `ray job stop`'s
+    # SIGTERM, which ray.init's handler turns into SystemExit(15) on a driver and Ray into SystemExit(1) on a worker,
+    # or Tune stopping a trial (tune.report raises SystemExit(0)). Each says the process was told to stop, not that
+    # the work failed. SystemExit(0) is KILLED too, not FINISHED: the block never reached its end (a trial stopped
+    # early has no test score), and FINISHED says the run is complete.
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"

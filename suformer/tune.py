@@ -74,19 +74,16 @@ def _run_trial(config: dict, sweep_json: str, parent_id: str) -> None:
     run_id = tracking.create_child_run(uri, cfg.run.experiment, parent_id, f"{config['trick']}-seed{config['seed']}",
                                        tags={TRICK_TAG: config["trick"], SEED_TAG: str(config["seed"]),
                                              TRIAL_TAG: tune.get_context().get_trial_id()})
-    tracking.log_params(uri, run_id, {**cfg.flat(), "sweep.trick": config["trick"]})
-    try:
-        out = finetune(cfg, run_id, report=tune.report)
-    except SystemExit:  # the scheduler (ASHA) stopped the trial: tune.report exits the training thread.
-        # Best effort: Tune may tear the actor down while this is under way; run_sweep settles the run either way.
-        tracking.set_tag(uri, run_id, STOPPED_EARLY_TAG, "true")
-        tracking.finish_run(uri, run_id, "KILLED")
-        raise
-    except BaseException:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    save_finetuned(out, cfg, sweep.trials_dir / run_id)
-    tracking.finish_run(uri, run_id)
+    with tracking.owned_run(uri, run_id):
+        tracking.log_params(uri, run_id, {**cfg.flat(), "sweep.trick": config["trick"]})
+        try:
+            out = finetune(cfg, run_id, report=tune.report)
+        except SystemExit:  # the scheduler (ASHA) stopped the trial: tune.report exits the training thread.
+            # Best effort, as is owned_run's KILLED: Tune may tear the actor down while these are under way;
+            # run_sweep settles the run either way.
+            tracking.set_tag(uri, run_id, STOPPED_EARLY_TAG, "true")
+            raise
+        save_finetuned(out, cfg, sweep.trials_dir / run_id)
 
 
 def close_orphaned_runs(uri: str, children: list, clean_trials: set) -> None:
@@ -100,11 +97,10 @@ def close_orphaned_runs(uri: str, children: list, clean_trials: set) -> None:
     for child in children:
         if child.info.status != "RUNNING":
             continue
-        if child.data.tags.get(TRIAL_TAG) in clean_trials:
+        stopped_early = child.data.tags.get(TRIAL_TAG) in clean_trials
+        if stopped_early:
             tracking.set_tag(uri, child.info.run_id, STOPPED_EARLY_TAG, "true")
-            tracking.finish_run(uri, child.info.run_id, "KILLED")
-        else:
-            tracking.finish_run(uri, child.info.run_id, "FAILED")
+        tracking.finish_run(uri, child.info.run_id, "KILLED" if stopped_early else "FAILED")
 
 
 def comparison(children: list[dict], compare_on: str) -> list[dict]:
@@ -175,10 +171,6 @@ def run_sweep(sweep: SweepConfig, stop: dict | None = None) -> dict:
     """Run the sweep on the connected (or a local) Ray cluster; returns the parent run id and the comparison.
     `stop`: Tune stop criteria for every trial (RunConfig.stop), e.g. {"epoch": 1} for a smoke sweep; a trial
     stopped by them ends like one ASHA stopped."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     from . import tracking
     from .ray_connect import connect_or_start
 
@@ -193,9 +185,37 @@ def run_sweep(sweep: SweepConfig, stop: dict | None = None) -> dict:
     # A new parent per sweep run: children of an earlier sweep with the same name must not enter this comparison.
     parent_id, _ = tracking.open_run(uri, base.run.experiment, sweep.name, run_root=root,
                                      tags={"suformer.kind": "sweep"}, resume=False)
-    tracking.log_params(uri, parent_id, {"sweep.tricks": json.dumps(sweep.tricks), "sweep.seeds": sweep.seeds,
-                                         "sweep.search": json.dumps(sweep.search), "sweep.metric": sweep.metric,
-                                         "sweep.scheduler": sweep.scheduler, **base.flat()})
+    with tracking.owned_run(uri, parent_id) as parent:
+        tracking.log_params(uri, parent_id, {"sweep.tricks": json.dumps(sweep.tricks), "sweep.seeds": sweep.seeds,
+                                             "sweep.search": json.dumps(sweep.search), "sweep.metric": sweep.metric,
+                                             "sweep.scheduler": sweep.scheduler, **base.flat()})
+        grid = _tuner(sweep, parent_id, root, stop).fit()
+
+        children = tracking.child_runs(uri, parent_id)
+        close_orphaned_runs(uri, children, clean_trials={r.metrics.get("trial_id") for r in grid if r.error is None})
+        finished = [{"trick": c.data.tags[TRICK_TAG], "metrics": c.data.metrics, "run_id": c.info.run_id}
+                    for c in children if c.info.status == "FINISHED"]
+        rows = comparison(finished, sweep.compare_on)
+        table = comparison_markdown(rows, sweep.compare_on)
+        _log_comparison(uri, parent_id, rows, table, sweep.compare_on)
+        registered = None
+        if sweep.register_as and finished:
+            best = max(finished, key=lambda c: c["metrics"].get(f"best_{sweep.metric}", float("-inf")))
+            registered = _register(uri, best["run_id"], sweep.trials_dir / best["run_id"], sweep.register_as)
+            tracking.set_tag(uri, parent_id, "suformer.best_child", best["run_id"])
+        if grid.errors:
+            parent.end_status = "FAILED"  # the sweep ran to its end, but the comparison lacks the failed trials
+    return {"parent_run_id": parent_id, "rows": rows, "table": table, "children": len(children),
+            "errors": len(grid.errors), "registered": registered, "tune_path": grid.experiment_path,
+            "tracking_uri": uri, "experiment": base.run.experiment}
+
+
+def _tuner(sweep: SweepConfig, parent_id: str, root: Path, stop: dict | None):
+    """Tune's grid (or Optuna search) over tricks x seeds, as many trials at once as the cluster fits."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
     search_alg, num_samples = None, sweep.num_samples
     if sweep.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -214,44 +234,28 @@ def run_sweep(sweep: SweepConfig, stop: dict | None = None) -> dict:
     concurrent = sweep.max_concurrent_trials or max(1, int(fits))
     # max_t one past the last epoch: ASHA stops a trial that reaches max_t right after that report, which would
     # cut every trial off before its test evaluation.
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=base.train.epochs + 1, grace_period=1) \
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.finetune.train.epochs + 1, grace_period=1) \
         if sweep.scheduler == "asha" else FIFOScheduler()
     trainable = tune.with_resources(tune.with_parameters(_run_trial, sweep_json=sweep.model_dump_json(),
                                                          parent_id=parent_id),
                                    {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler, search_alg=search_alg,
                                     num_samples=num_samples, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=sweep.name, storage_path=str(root / "tune"), stop=stop, verbose=1),
     )
-    try:
-        grid = tuner.fit()
-    except BaseException:
-        tracking.finish_run(uri, parent_id, "FAILED")
-        raise
 
-    children = tracking.child_runs(uri, parent_id)
-    close_orphaned_runs(uri, children, clean_trials={r.metrics.get("trial_id") for r in grid if r.error is None})
-    finished = [{"trick": c.data.tags[TRICK_TAG], "metrics": c.data.metrics, "run_id": c.info.run_id}
-                for c in children if c.info.status == "FINISHED"]
-    rows = comparison(finished, sweep.compare_on)
-    table = comparison_markdown(rows, sweep.compare_on)
+
+def _log_comparison(uri: str, parent_id: str, rows: list[dict], table: str, compare_on: str) -> None:
+    from . import tracking
+
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "comparison.md").write_text(table + "\n")
         (Path(tmp) / "comparison.json").write_text(json.dumps(rows, indent=2))
         if rows:
-            comparison_plot(rows, sweep.compare_on, Path(tmp) / "comparison.png")
+            comparison_plot(rows, compare_on, Path(tmp) / "comparison.png")
         tracking.log_artifacts(uri, parent_id, tmp, "comparison")
-    registered = None
-    if sweep.register_as and finished:
-        best = max(finished, key=lambda c: c["metrics"].get(f"best_{sweep.metric}", float("-inf")))
-        registered = _register(uri, best["run_id"], sweep.trials_dir / best["run_id"], sweep.register_as)
-        tracking.set_tag(uri, parent_id, "suformer.best_child", best["run_id"])
-    tracking.finish_run(uri, parent_id, "FINISHED" if not grid.errors else "FAILED")
-    return {"parent_run_id": parent_id, "rows": rows, "table": table, "children": len(children),
-            "errors": len(grid.errors), "registered": registered, "tune_path": grid.experiment_path,
-            "tracking_uri": uri, "experiment": base.run.experiment}
 
 
 def _register(uri: str, run_id: str, saved: Path, name: str) -> str:

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from suformer.models.attention import AttentionMask, Rotary, T5RelativeBias, attention
-from suformer.models.layers import apply_rotary, relative_position_bucket, rotary_cos_sin
+from suformer.attention import (
+    AttentionMask, Rotary, T5RelativeBias, apply_rotary, attention, relative_position_bucket, rotary_cos_sin,
+)
 
 from numerics import rel_err
 

@@ -1,7 +1,8 @@
 """The attention kernels compiled for an H100 (sm_90) without a GPU: within shared memory and free of register
 spills in the model profiles at head dim 64. In its own process: the suite runs Triton's interpreter, and the
 compile check needs Triton's compiler (ptxas ships in the triton wheel). The whole matrix (sm_80 and sm_90, bf16 and
-fp16, head dims 32/64/128, eight profiles, every autotuning candidate) is `python -m suformer.kernels.compile_check`.
+fp16, head dims 32/64/128, eight profiles, every autotuning candidate) is
+`python -m suformer.attention.triton.compile_check`.
 """
 import json
 import os
@@ -26,7 +27,7 @@ def _python(*args, timeout=600):
 
 def test_the_model_profiles_compile_for_h100_within_shared_memory_without_spills(tmp_path):
     out = tmp_path / "quick.json"
-    done = _python("-m", "suformer.kernels.compile_check", "--quick", "--workers", "1", "--json", str(out))
+    done = _python("-m", "suformer.attention.triton.compile_check", "--quick", "--workers", "1", "--json", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     results = json.loads(out.read_text())
     launched = {(r["profile"], r["kernel"]) for r in results}
@@ -43,7 +44,7 @@ def test_the_check_reports_overruns_and_spills():
     """The counter-test: the tiles the kernels launched before (128x64, 4 warps at head dim 64, 3 stages for all
     three kernels) spill in T5 training, and 3 stages of 128x64 overrun shared memory at head dim 128."""
     script = textwrap.dedent("""
-        from suformer.kernels import compile_check, configs
+        from suformer.attention.triton import compile_check, configs
         configs.GPU_CONFIGS[90]["dkdv"][64] = [configs._config(128, 64, 4, 3)]
         configs.GPU_CONFIGS[90]["fwd"][128] = [configs._config(128, 64, 8, 3)]
         results = compile_check.run([90], ["bfloat16"], [64], ["t5-encoder"], False, ["dkdv", "fwd"], workers=1)
@@ -60,6 +61,6 @@ def test_the_check_reports_overruns_and_spills():
 
 
 def test_the_check_refuses_the_interpreter():
-    done = subprocess.run([sys.executable, "-m", "suformer.kernels.compile_check", "--quick"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "suformer.attention.triton.compile_check", "--quick"], cwd=ROOT,
                           env={**ENV, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr

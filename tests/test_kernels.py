@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from suformer.models import build_model
-from suformer.models.attention import AttentionMask, Rotary, T5RelativeBias, attention
+from suformer.attention import AttentionMask, Rotary, T5RelativeBias, attention
 
 from numerics import rel_err
 
 triton = pytest.importorskip("triton")
-from suformer.kernels import dropout_keep_mask, flash, flash_attention  # noqa: E402
+from suformer.attention.triton import dropout_keep_mask, flash, flash_attention  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,7 +141,7 @@ def test_the_autotuned_launch_path(name, monkeypatch):
     grains (configs.KEY_GRAIN). The last candidate (64-key tiles) is made to win, after the others have run in the
     tuning and written more rows of bias-table partials (so those rows must be zeroed again); the result must
     still be the reference's."""
-    from suformer.kernels import configs
+    from suformer.attention.triton import configs
 
     candidates = [configs._config(16, 32, 1, 1), configs._config(32, 32, 1, 1), configs._config(16, 64, 1, 1)]
     monkeypatch.setitem(configs.GPU_CONFIGS, 90, {kernel: {64: candidates} for kernel in configs.KERNELS})
@@ -175,9 +175,7 @@ def test_unequal_block_shapes(blocks):
     inputs, grad_out = _inputs(case)
     expected = _run("reference", torch.float64, "cpu", inputs, case, grad_out)
     q, k, v, table = (x.detach().float().to(DEVICE).requires_grad_() for x in inputs)
-    from suformer.kernels import RelativeBias
-
-    out = flash_attention(q, k, v, bias=RelativeBias(table, False, 24), causal=True,
+    out = flash_attention(q, k, v, bias=T5RelativeBias(table, False, 24), causal=True,
                           key_padding=case["mask"].key_padding.to(DEVICE), block_sizes=blocks)
     out.backward(grad_out.float().to(DEVICE))
     for g, e in zip([out, q.grad, k.grad, v.grad, table.grad], expected):
@@ -216,9 +214,7 @@ def test_bad_inputs_are_rejected_with_a_message():
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
         flash_attention(q.double(), q.double(), q.double())
     with pytest.raises(ValueError, match="bias table"):
-        from suformer.kernels import RelativeBias
-
-        flash_attention(q, q, q, bias=RelativeBias(torch.zeros(32, 5), True))
+        flash_attention(q, q, q, bias=T5RelativeBias(torch.zeros(32, 5), True))
 
 
 def _model_step(model, batch):

@@ -1,6 +1,9 @@
 """MLflow bookkeeping: several trial processes writing to one store, as a sweep's do; a resumed attempt logging
-each step once."""
+each step once; the status an owned run ends with."""
+import contextlib
 import multiprocessing
+
+import pytest
 
 from suformer import tracking
 
@@ -72,3 +75,52 @@ def test_a_resumed_attempt_logs_each_set_of_metrics_once_per_step(tmp_path):
     assert history("train/loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (5, 15.0)]
     assert history("train/lr") == [(1, 0.1), (2, 0.1), (3, 0.1), (4, 0.1), (5, 0.2)]
     assert history("val/loss") == [(2, 9.0), (4, 19.0)]
+
+
+# How a block ends -> the status owned_run gives its run (tracking._status_after says why).
+BLOCK_ENDS = {"returns": (None, "FINISHED"), "raises": (RuntimeError("boom"), "FAILED"),
+              "ctrl_c": (KeyboardInterrupt(), "KILLED"), "sigterm_on_a_driver": (SystemExit(15), "KILLED"),
+              "tune_stops_the_trial": (SystemExit(0), "KILLED")}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the owned-run tests (each its own run name): making one takes seconds."""
+    root = tmp_path_factory.mktemp("owned")
+    return f"sqlite:///{root}/mlflow.db", root
+
+
+@pytest.mark.parametrize("end", list(BLOCK_ENDS))
+def test_an_owned_run_ends_as_its_block_did_and_is_found_again_by_name(store, end):
+    """The exception goes on unchanged; a resubmission re-opens the same run whatever its status, and owns it to
+    its end again."""
+    from mlflow.tracking import MlflowClient
+
+    raised, status = BLOCK_ENDS[end]
+    uri, root = store
+    run_id, resumed = tracking.open_run(uri, "owned", end, run_root=root)
+    assert not resumed
+    with pytest.raises(type(raised)) if raised else contextlib.nullcontext() as caught:
+        with tracking.owned_run(uri, run_id) as run:
+            assert run.id == run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+            if raised:
+                raise raised
+    assert raised is None or caught.value is raised
+    assert MlflowClient(uri).get_run(run_id).info.status == status
+
+    again, resumed = tracking.open_run(uri, "owned", end, run_root=root)
+    assert (again, resumed) == (run_id, True) and MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+    with tracking.owned_run(uri, again):
+        pass
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_an_owned_run_ends_with_the_status_its_block_chose(store):
+    """A block that ends normally with a failed outcome (a sweep whose trials failed) marks its run FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    uri, root = store
+    run_id, _ = tracking.open_run(uri, "owned", "sweep", run_root=root, resume=False)
+    with tracking.owned_run(uri, run_id) as run:
+        run.end_status = "FAILED"
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"

@@ -335,17 +335,8 @@ def prepare_shards(data: DataSection, vocab, root, corpus=None) -> Location:
     fs, files, _ = corpus or preflight(data)
     vocab = Location.of(vocab)
     out = Location.of(root) / "data" / data_fingerprint(data, vocab, files)
-    ready = out / READY
-    if ready.is_file():
-        problem = _shards_problem(out)
-        if problem is None:
-            return out
-        # The damaged build stays for inspection (nothing written is deleted); a new build replaces it.
-        print(f"[suformer] data: {problem}; rebuilding", flush=True)
-    kept = json.loads(ready.read_text())["build"] if ready.is_file() else None
-    for leftover in out.folders():  # builds of an interrupted attempt: never named by a marker
-        if leftover.name.startswith("build-") and leftover.name != kept:
-            leftover.delete()
+    if _sound_build_exists(out):
+        return out
     ray_data_console_warnings_only()
     size = sum(f.size for f in files)
     print(f"[suformer] data: making examples from {len(files)} corpus files ({size / 2**20:,.1f} MiB) with Ray Data "
@@ -383,8 +374,26 @@ def prepare_shards(data: DataSection, vocab, root, corpus=None) -> Location:
         raise DataError(_no_examples_message(data, counts["documents"], files, "read")
                         if counts["documents"] else f"data.corpus: {data.corpus!r} holds no non-empty document "
                         f"({dict(counts)})")
-    ready.write_text(json.dumps({**counts, "shards": len(names), "build": build.name, "shard_rows": shard_rows}))
+    (out / READY).write_text(json.dumps({**counts, "shards": len(names), "build": build.name,
+                                         "shard_rows": shard_rows}))
     return out
+
+
+def _sound_build_exists(out: Location) -> bool:
+    """Whether `out` holds a complete, undamaged build to reuse. If not, the builds of interrupted attempts (never
+    named by a READY marker) are removed; a damaged build stays for inspection (nothing written is deleted) and
+    a new build replaces it."""
+    ready = out / READY
+    if ready.is_file():
+        problem = _shards_problem(out)
+        if problem is None:
+            return True
+        print(f"[suformer] data: {problem}; rebuilding", flush=True)
+    kept = json.loads(ready.read_text())["build"] if ready.is_file() else None
+    for leftover in out.folders():
+        if leftover.name.startswith("build-") and leftover.name != kept:
+            leftover.delete()
+    return False
 
 
 def _check_parquet(file: Location) -> int:

@@ -1,7 +1,7 @@
 """T5 PEGASUS and RoFormerV2: `build_model(family, preset, **overrides)` and `from_pretrained(path, compat=None)`."""
 from __future__ import annotations
 
-from .attention import AttentionMask, Rotary, T5RelativeBias, attention, available_backends, register_backend
+from ..attention import AttentionMask, Rotary, T5RelativeBias, attention, available_backends, register_backend
 from .checkpoints import CheckpointError, from_pretrained, save_pretrained
 from .roformer import ROFORMER_PRESETS, RoFormerV2Config, RoFormerV2ForMaskedLM
 from .t5 import T5_PRESETS, T5PegasusConfig, T5PegasusForConditionalGeneration

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMask, Rotary, attention
+from ..attention import AttentionMask, Rotary, attention
+from ..padding import IGNORE_INDEX
+from .outputs import ModelOutput
 
 
 @dataclass
@@ -51,13 +53,6 @@ ROFORMER_PRESETS = {
     "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256),
 }
-
-
-@dataclass
-class MaskedLMOutput:
-    logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None
-    hidden_states: Optional[torch.Tensor] = None
 
 
 class RoFormerSelfAttention(nn.Module):
@@ -221,8 +216,8 @@ class RoFormerV2ForMaskedLM(nn.Module):
         logits = self.cls.predictions.decoder(self.head_dropout(hidden))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return MaskedLMOutput(logits=logits, loss=loss, hidden_states=hidden)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     def save_pretrained(self, path, **kwargs) -> None:
         from .checkpoints import save_pretrained

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMask, KVCache, T5RelativeBias, attention
+from ..attention import AttentionMask, KVCache, T5RelativeBias, attention
+from ..padding import IGNORE_INDEX
 from .layers import T5GatedFFN
+from .outputs import ModelOutput
 
 COMPAT_MODES = ("bert4keras", "hf")
 
@@ -75,13 +77,6 @@ T5_PRESETS = {
     "small": dict(d_model=512, num_heads=6, head_dim=64, d_ff=1024, num_encoder_layers=8, num_decoder_layers=8),
     "tiny": dict(d_model=128, num_heads=4, head_dim=32, d_ff=256, num_encoder_layers=2, num_decoder_layers=2),
 }
-
-
-@dataclass
-class Seq2SeqOutput:
-    logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None
-    encoder_hidden_states: Optional[torch.Tensor] = None
 
 
 class T5Attention(nn.Module):
@@ -267,7 +262,7 @@ class T5PegasusForConditionalGeneration(nn.Module):
     def forward(
         self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, labels=None,
         encoder_hidden_states=None,
-    ) -> Seq2SeqOutput:
+    ) -> ModelOutput:
         """Masks default to `ids != pad` (bert4keras' mask_zero). `labels[t]` is the target of `logits[t]`
         (-100 ignored); without `decoder_input_ids` they are the labels shifted right after `[CLS]`."""
         if decoder_input_ids is None:
@@ -280,12 +275,12 @@ class T5PegasusForConditionalGeneration(nn.Module):
         logits = self.decode(decoder_input_ids, encoder_hidden_states, encoder_mask, decoder_attention_mask)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return Seq2SeqOutput(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         shifted = labels.new_full(labels.shape, self.config.pad_token_id)
-        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
+        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.config.pad_token_id)
         shifted[:, 0] = self.config.decoder_start_token_id
         return shifted
 

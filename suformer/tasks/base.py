@@ -14,14 +14,6 @@ import torch
 import torch.nn as nn
 
 
-def pad(rows: list[list[int]], value: int = 0) -> torch.Tensor:
-    """Right-padded [N, longest] long tensor."""
-    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
 def check_split_fractions(dev: float, test: float) -> None:
     if not (0 < dev < 1 and 0 < test < 1 and dev + test < 1):
         raise ValueError(f"dev and test fractions must be in (0, 1) with dev + test < 1, got {dev}, {test}")

@@ -5,23 +5,18 @@ is the usual alternative for a model without a pooler, as RoFormerV2 has none.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
-from .base import Task, pad, read_json_lines, split_off_dev
+from ..models.outputs import ModelOutput
+from ..padding import pad
+from .base import Task, read_json_lines, split_off_dev
 from .registry import register_task
-
-
-@dataclass
-class ClassifierOutput:
-    logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None
 
 
 class SequenceClassifier(nn.Module):
@@ -45,13 +40,13 @@ class SequenceClassifier(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ClassifierOutput:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ModelOutput:
         if attention_mask is None:
             attention_mask = input_ids != self.encoder.config.pad_token_id
         hidden = self.encoder.encode(input_ids, attention_mask, token_type_ids)
         logits = self.classifier(self.dropout(self.pool(hidden, attention_mask)))
         loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
-        return ClassifierOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=loss)
 
 
 def classification_metrics(predictions, labels) -> dict[str, float]:
@@ -60,9 +55,6 @@ def classification_metrics(predictions, labels) -> dict[str, float]:
 
     return {"accuracy": float(accuracy_score(labels, predictions)),
             "macro_f1": float(f1_score(labels, predictions, average="macro"))}
-
-
-LABEL_WORDS = ("不", "很")  # P-tuning's words at [MASK] for negative and positive, as in Su's template
 
 
 class ClassificationTask(Task):
@@ -83,26 +75,8 @@ class ClassificationTask(Task):
         return {"input_ids": ids, "attention_mask": ids != 0, "labels": torch.tensor([y for _, y in features])}
 
     def head(self, encoder, tokenizer):
-        m, ptuning = self.cfg.model, self.cfg.tricks.ptuning
-        if ptuning != "none":
-            from ..tricks.ptuning import PTuningClassifier
-
-            missing = [w for w in LABEL_WORDS if w not in tokenizer.vocab]
-            if missing:
-                raise ValueError(f"P-tuning's label words {missing} are not in the vocab {tokenizer.vocab_path}")
-            return PTuningClassifier(encoder, [tokenizer.vocab[w] for w in LABEL_WORDS], tokenizer.mask_id,
-                                     tokenizer.cls_id, freeze_model=ptuning == "prompt")
-        if self.cfg.tricks.ladder_side_layers:
-            from ..tricks.ladder_side import LadderSideClassifier
-
-            return LadderSideClassifier(encoder, len(self.labels), side_layers=self.cfg.tricks.ladder_side_layers,
-                                        dropout=m.dropout)
-        classifier = SequenceClassifier(encoder, num_labels=len(self.labels), pooling=m.pooling, dropout=m.dropout)
-        if self.cfg.tricks.prompt_tuning_tokens:
-            from ..tricks.prompt_tuning import apply_prompt_tuning
-
-            return apply_prompt_tuning(classifier, self.cfg.tricks.prompt_tuning_tokens)
-        return classifier
+        m = self.cfg.model
+        return SequenceClassifier(encoder, num_labels=len(self.labels), pooling=m.pooling, dropout=m.dropout)
 
     @torch.no_grad()
     def evaluate(self, model, features, batch_size):

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..attention import apply_rotary, rotary_cos_sin
 from ..data.corpora import peoples_daily_tagged
-from ..models.layers import apply_rotary, at_least_fp32, rotary_cos_sin
+from ..models.layers import at_least_fp32
+from ..models.outputs import ModelOutput
+from ..padding import pad
 from ..tokenizer import normalize
-from .base import Task, pad, read_json_lines, seeded_split, split_off_dev
+from .base import Task, read_json_lines, seeded_split, split_off_dev
 from .registry import register_task
 
 ENTITY_TYPES = ("PER", "LOC", "ORG")
@@ -147,12 +149,6 @@ def multilabel_categorical_crossentropy(scores: torch.Tensor, targets: torch.Ten
             + torch.logsumexp(torch.cat([positives, zero], -1), -1)).mean()
 
 
-@dataclass
-class SpanOutput:
-    logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None
-
-
 class GlobalPointerNER(nn.Module):
     def __init__(self, encoder: nn.Module, num_types: int = len(ENTITY_TYPES), head_size: int = 64):
         super().__init__()
@@ -163,7 +159,7 @@ class GlobalPointerNER(nn.Module):
     def word_embeddings(self) -> torch.Tensor:
         return self.encoder.roformer.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids, attention_mask=None, labels=None) -> SpanOutput:
+    def forward(self, input_ids, attention_mask=None, labels=None) -> ModelOutput:
         """`labels`: [B, types, L, L] with 1 at each gold (start, end)."""
         if attention_mask is None:
             attention_mask = input_ids != self.encoder.config.pad_token_id
@@ -171,7 +167,7 @@ class GlobalPointerNER(nn.Module):
         loss = None
         if labels is not None:
             loss = multilabel_categorical_crossentropy(scores.flatten(2), labels.flatten(2))
-        return SpanOutput(logits=scores, loss=loss)
+        return ModelOutput(logits=scores, loss=loss)
 
 
 def decode_spans(scores: torch.Tensor) -> list[set[tuple[int, int, int]]]:

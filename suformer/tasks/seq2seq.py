@@ -3,7 +3,8 @@ fine-tuning script (t5-pegasus finetune.py): character-level ROUGE-1/2/L F1 (the
 smoothing method 1) on lowercased text, averaged over the examples, an empty prediction scoring 0."""
 from __future__ import annotations
 
-from .base import Task, pad
+from ..padding import IGNORE_INDEX, pad
+from .base import Task
 
 
 def char_rouge_bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -41,7 +42,7 @@ class Seq2SeqTask(Task):
                 for src, tgt in rows]
 
     def collate(self, features):
-        return {"input_ids": pad([f[0] for f in features]), "labels": pad([f[1] for f in features], -100)}
+        return {"input_ids": pad([f[0] for f in features]), "labels": pad([f[1] for f in features], IGNORE_INDEX)}
 
     def head(self, encoder, tokenizer):
         self.tokenizer = tokenizer  # to decode what evaluate() generates

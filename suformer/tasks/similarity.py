@@ -14,16 +14,17 @@ batch format; the two losses are a few lines over our encoder, so they are writt
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
-from .base import Task, pad, read_json_lines, split_off_dev
+from ..models.outputs import ModelOutput
+from ..padding import pad
+from .base import Task, read_json_lines, split_off_dev
 from .registry import register_task
 
 SPLIT_SUFFIXES = {"train": ".train.data", "dev": ".valid.data", "test": ".test.data"}
@@ -92,12 +93,6 @@ def cosent_loss(cosine: torch.Tensor, labels: torch.Tensor, scale: float = 20.0)
     return torch.logsumexp(torch.cat([differences.new_zeros(1), differences.flatten()]), dim=0)
 
 
-@dataclass
-class PairOutput:
-    logits: torch.Tensor  # the cosine of the two sentence vectors
-    loss: Optional[torch.Tensor] = None
-
-
 class SentencePairModel(nn.Module):
     def __init__(self, encoder: nn.Module, loss: Literal["cosent", "sbert"] = "cosent",
                  pooling: Literal["cls", "mean"] = "cls"):
@@ -118,7 +113,7 @@ class SentencePairModel(nn.Module):
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
-    def forward(self, input_ids, pair_input_ids, labels=None) -> PairOutput:
+    def forward(self, input_ids, pair_input_ids, labels=None) -> ModelOutput:
         u, v = self.embed(input_ids), self.embed(pair_input_ids)
         cosine = F.cosine_similarity(at_least_fp32(u), at_least_fp32(v), dim=-1)
         loss = None
@@ -128,7 +123,7 @@ class SentencePairModel(nn.Module):
             else:
                 logits = self.classifier(torch.cat([u, v, (u - v).abs()], dim=-1))
                 loss = F.cross_entropy(at_least_fp32(logits), labels.long())
-        return PairOutput(logits=cosine, loss=loss)
+        return ModelOutput(logits=cosine, loss=loss)
 
 
 def spearman(predicted, labels) -> float:

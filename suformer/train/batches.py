@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..data.objectives import OBJECTIVES
+from ..padding import IGNORE_INDEX
 
 
 @dataclass
@@ -79,7 +80,7 @@ def step_sums(loss: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Te
     step. The two differ only when the label ties another token for the maximum exactly.
     """
     labels = batch["labels"]
-    predicted = labels != -100
+    predicted = labels != IGNORE_INDEX
     label_logit = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     correct = ((label_logit >= logits.amax(-1)) & predicted).sum()
     inputs = (batch["input_ids"] != 0).sum()

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import math
 import os
-import random
 import resource
 import time
 from pathlib import Path
@@ -28,16 +27,10 @@ from ..storage import Location
 from ..tasks import task_for
 from ..tasks.base import Task
 from ..tokenizer import Tokenizer, build_vocab, write_vocab
-from ..tricks.adversarial import fgm_backward, gradient_penalty, pgd_backward
-from ..tricks.child_tuning import ChildTuningD, ChildTuningF
-from ..tricks.ema import ema_model
-from ..tricks.exposure_bias import replace_decoder_inputs
-from ..tricks.layerwise_lr import layerwise_lr_groups
-from ..tricks.lora import apply_lora, trainable_parameters
-from ..tricks.rdrop import rdrop_loss, repeat_for_rdrop
-from ..tricks.simcse import simcse_loss
-from ..tricks.sparse_softmax import sparse_softmax_cross_entropy
+from ..tricks import Trick, active_tricks
+from ..tricks.lora import trainable_parameters
 from .optimizers import Adafactor, adamw
+from .seeding import seed_everything
 
 
 def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
@@ -55,18 +48,19 @@ def _tokenizer(cfg: FinetuneConfig, train_texts: list[str]) -> Tokenizer:
     return Tokenizer(path, pre_tokenize=None)
 
 
-def build_model_for(cfg: FinetuneConfig, task: Task, tokenizer: Tokenizer) -> torch.nn.Module:
-    """The task's model on a fresh or pretrained encoder, LoRA-wrapped when `tricks.lora_r` is set."""
-    m = cfg.model
-    # The gradient penalty differentiates through attention twice: only the reference backend can.
-    backend = "reference" if cfg.tricks.adversarial == "gradient_penalty" else m.attention_backend
-    overrides = {"dropout": m.dropout, **({"attention_backend": backend} if backend else {})}
+def build_model_for(cfg: FinetuneConfig, task: Task, tokenizer: Tokenizer,
+                    tricks: Optional[list[Trick]] = None) -> torch.nn.Module:
+    """The task's model on a fresh or pretrained encoder, as the active tricks build and wrap it."""
+    m, tricks = cfg.model, active_tricks(cfg) if tricks is None else tricks
+    overrides = {"dropout": m.dropout, **({"attention_backend": m.attention_backend} if m.attention_backend else {})}
+    for trick in tricks:
+        overrides = trick.model_overrides(overrides)
     encoder = from_pretrained(m.init_from, **overrides) if m.init_from else \
         build_model(m.family, m.preset, vocab_size=len(tokenizer), **overrides)
-    model = task.head(encoder, tokenizer)
-    if cfg.tricks.lora_r:
-        model = apply_lora(model, m.family, r=cfg.tricks.lora_r, alpha=cfg.tricks.lora_alpha,
-                           trainable_modules=task.head_modules or None)
+    heads = [head for trick in tricks if (head := trick.head(task, encoder, tokenizer)) is not None]
+    model = heads[0] if heads else task.head(encoder, tokenizer)
+    for trick in tricks:
+        model = trick.wrap_model(model, task)
     return model
 
 
@@ -137,6 +131,87 @@ def load_finetuned(folder: Path) -> tuple[torch.nn.Module, Tokenizer, FinetuneCo
     return model.eval(), tokenizer, cfg
 
 
+def _encoded_splits(cfg: FinetuneConfig, task: Task, splits: Optional[dict], run_id: Optional[str]):
+    """(tokenizer, {split: encoded rows}), each split cut to its configured size; the rows each split used are
+    logged as the run's datasets, identified by content (the runs table's Dataset column)."""
+    from .. import tracking
+
+    splits = splits or task.splits()
+    rows = {"train": splits["train"][: cfg.data.max_train_examples],
+            **{name: splits[name][: cfg.data.max_eval_examples] for name in ("dev", "test")}}
+    tokenizer = _tokenizer(cfg, list(task.texts(rows["train"])))
+    if run_id:
+        source = task.source()
+        for split, used in rows.items():
+            tracking.log_dataset(cfg.tracking_uri, run_id, name=cfg.data.task, source=source,
+                                 digest=hashlib.sha256(repr(used).encode()).hexdigest(), context=split)
+    return tokenizer, {split: task.encode(used, tokenizer) for split, used in rows.items()}
+
+
+def _optimizer(cfg: FinetuneConfig, model, trainable: list, tricks: list[Trick], train_size: int):
+    """(optimizer, schedule, steps per epoch): AdamW or Adafactor over the tricks' parameter groups, a linear
+    warm-up, then linear decay to 0 or constant."""
+    t = cfg.train
+    groups = [{"params": trainable, "lr": t.lr, "weight_decay": t.weight_decay}]
+    for trick in tricks:
+        groups = trick.parameter_groups(model, groups)
+    if t.optimizer == "adafactor":  # one tensor per group: each step is relative to its own weight's RMS
+        optimizer = Adafactor([{**g, "params": [p]} for g in groups for p in g["params"]], beta1=0.9)
+    else:
+        optimizer = adamw(groups, offloaded=t.zero_stage is not None and t.offload_optimizer)
+    steps_per_epoch = math.ceil(train_size / t.batch_size)
+    total, warmup = steps_per_epoch * t.epochs, int(steps_per_epoch * t.epochs * t.warmup_ratio)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: s / warmup if s < warmup else 1.0 if t.schedule == "constant" else
+        max(0.0, (total - s) / max(1, total - warmup)))
+    return optimizer, schedule, steps_per_epoch
+
+
+class _Steps:
+    """One optimizer step at a time, with the tricks' hooks where they act: plain PyTorch, or a one-process
+    DeepSpeed engine (which then owns clipping, the optimizer and the schedule)."""
+
+    def __init__(self, cfg: FinetuneConfig, model, trainable: list, optimizer, schedule, tricks: list[Trick]):
+        self.t, self.model, self.trainable, self.tricks = cfg.train, model, trainable, tricks
+        self.optimizer, self.schedule = optimizer, schedule
+        self.engine = _deepspeed_engine(model, optimizer, schedule, cfg.train) if cfg.train.zero_stage is not None \
+            else None
+        self.backward = self.engine.backward if self.engine else torch.Tensor.backward
+
+    def loss_closure(self, batch: dict):
+        for trick in self.tricks:
+            batch = trick.transform_batch(batch, self.model)
+        closures = [c for trick in self.tricks if (c := trick.loss(batch, self.model)) is not None]
+        return closures[0] if closures else lambda: self.model(**batch).loss
+
+    def __call__(self, batch: dict) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        compute_loss = self.loss_closure(batch)
+        losses = [loss for trick in self.tricks if (loss := trick.backward(compute_loss, self.backward)) is not None]
+        if losses:
+            loss = losses[0]
+        else:
+            loss = compute_loss()
+            self.backward(loss)
+        for trick in self.tricks:
+            trick.after_backward()
+        if self.engine:
+            self.engine.step()
+        else:
+            if self.t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.t.grad_clip)
+            self.optimizer.step()
+            self.schedule.step()
+        for trick in self.tricks:
+            trick.after_step(self.model)
+        return loss.item()
+
+
+def _scored_model(model, tricks: list[Trick]):
+    """The model evaluated and kept: the trained one, or what a trick keeps instead (EMA's average)."""
+    return next((m for trick in tricks if (m := trick.eval_model(model)) is not None), model)
+
+
 def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
              report: Optional[Callable[[dict], None]] = None, splits: Optional[dict] = None,
              progress: bool = False) -> dict:
@@ -145,112 +220,32 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     metrics and the best model (LoRA merged)."""
     from .. import tracking
 
-    t, tricks = cfg.train, cfg.tricks
+    t = cfg.train
     torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
+    seed_everything(t.seed)
     task = task_for(cfg)
-    splits = splits or task.splits()
-    train_rows = splits["train"][: cfg.data.max_train_examples]
-    tokenizer = _tokenizer(cfg, list(task.texts(train_rows)))
-    train = task.encode(train_rows, tokenizer)
-    dev = task.encode(splits["dev"][: cfg.data.max_eval_examples], tokenizer)
-    test = task.encode(splits["test"][: cfg.data.max_eval_examples], tokenizer)
-    if run_id:  # the rows each split used, identified by content: the runs table's Dataset column
-        source = task.source()
-        for split, rows in (("train", train_rows), ("dev", splits["dev"][: cfg.data.max_eval_examples]),
-                            ("test", splits["test"][: cfg.data.max_eval_examples])):
-            tracking.log_dataset(cfg.tracking_uri, run_id, name=cfg.data.task, source=source,
-                                 digest=hashlib.sha256(repr(rows).encode()).hexdigest(), context=split)
-
+    tokenizer, data = _encoded_splits(cfg, task, splits, run_id)
     # A GPU when the process sees one (Ray gives a trial the GPUs it reserved: sweep.gpus_per_trial).
     task.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model_for(cfg, task, tokenizer).to(task.device)
+    tricks = active_tricks(cfg)
+    model = build_model_for(cfg, task, tokenizer, tricks).to(task.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # P-tuning's prompt-only mode trains 8 rows of the embedding matrix: weight decay would shrink all the others.
-    decay = 0.0 if tricks.ptuning == "prompt" else t.weight_decay
-    groups = layerwise_lr_groups(model, t.lr, tricks.layerwise_lr_decay, decay) \
-        if tricks.layerwise_lr_decay else [{"params": trainable, "lr": t.lr, "weight_decay": decay}]
-    for group in groups:
-        group.pop("names", None)
-    if t.optimizer == "adafactor":  # one tensor per group: each step is relative to its own weight's RMS
-        optimizer = Adafactor([{**g, "params": [p]} for g in groups for p in g["params"]], beta1=0.9)
-    else:
-        optimizer = adamw(groups, offloaded=t.zero_stage is not None and t.offload_optimizer)
-    steps_per_epoch = math.ceil(len(train) / t.batch_size)
-    total, warmup = steps_per_epoch * t.epochs, int(steps_per_epoch * t.epochs * t.warmup_ratio)
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0 or constant
-        optimizer, lambda s: s / warmup if s < warmup else 1.0 if t.schedule == "constant" else
-        max(0.0, (total - s) / max(1, total - warmup)))
-
-    embedding = None if tricks.lora_r else task.embedding(model)
-    child = None
-    if tricks.child_tuning == "F":
-        child = ChildTuningF(trainable, tricks.child_tuning_p)
-    elif tricks.child_tuning == "D":  # one pass over the training set first, counted in the first epoch's time
-        child = ChildTuningD.from_fisher(
-            model, lambda: (model(**b).loss for b in task.batches(train, t.batch_size)), tricks.child_tuning_p)
-    ema = ema_model(model, tricks.ema_decay) if tricks.ema_decay else None
-    replacement_rng = torch.Generator().manual_seed(t.seed)
-    engine = _deepspeed_engine(model, optimizer, schedule, t) if t.zero_stage is not None else None
-    backward = engine.backward if engine else torch.Tensor.backward
-
-    def loss_of(batch):
-        if tricks.exposure_bias_replace:  # seq2seq: the decoder reads a partly wrong prefix
-            batch = {**batch, "decoder_input_ids": replace_decoder_inputs(
-                model.shift_right(batch["labels"]), batch["labels"], token_prob=tricks.exposure_bias_replace,
-                generator=replacement_rng)}
-        if tricks.rdrop_alpha:
-            doubled = repeat_for_rdrop(batch)
-            inputs = {k: v for k, v in doubled.items() if k != "labels"}
-            if "decoder_input_ids" not in inputs and task.family == "t5_pegasus":
-                inputs["decoder_input_ids"] = model.shift_right(doubled["labels"])
-            return lambda: rdrop_loss(model(**inputs).logits, doubled["labels"], tricks.rdrop_alpha)
-        if tricks.simcse:  # both sides of each pair as unlabelled sentences, each seen twice (two dropout masks)
-            return lambda: (simcse_loss(model.embed(batch["input_ids"].repeat_interleave(2, 0)))
-                            + simcse_loss(model.embed(batch["pair_input_ids"].repeat_interleave(2, 0)))) / 2
-        if tricks.sparse_softmax_k:
-            return lambda: sparse_softmax_cross_entropy(model(**batch).logits, batch["labels"],
-                                                        tricks.sparse_softmax_k)
-        return lambda: model(**batch).loss
+    optimizer, schedule, steps_per_epoch = _optimizer(cfg, model, trainable, tricks, len(data["train"]))
+    for trick in tricks:
+        trick.setup(model, trainable, task, data["train"])
+    step = _Steps(cfg, model, trainable, optimizer, schedule, tricks)
 
     logger = tracking.MetricLogger(cfg.tracking_uri, run_id, history_keys=(f"dev/{task.metric}",)) if run_id else None
     best, best_state, metrics = -math.inf, None, {}
     model.train()
     for epoch in range(1, t.epochs + 1):
-        started, losses = time.perf_counter(), []
-        for batch in tqdm(task.batches(train, t.batch_size, shuffle_seed=t.seed * 1000 + epoch), total=steps_per_epoch,
-                          desc=f"epoch {epoch}/{t.epochs}", disable=not progress, mininterval=5):
-            optimizer.zero_grad(set_to_none=True)
-            compute_loss = loss_of(batch)
-            if tricks.adversarial == "fgm":
-                loss, _ = fgm_backward(compute_loss, embedding, tricks.adversarial_epsilon, backward,
-                                       one_backward=engine is not None)
-            elif tricks.adversarial == "pgd":
-                loss, _ = pgd_backward(compute_loss, embedding, trainable, tricks.adversarial_epsilon,
-                                       tricks.pgd_alpha, tricks.pgd_steps, backward, one_backward=engine is not None)
-            elif tricks.adversarial == "gradient_penalty":
-                loss = gradient_penalty(compute_loss(), embedding, tricks.adversarial_epsilon)
-                backward(loss)
-            else:
-                loss = compute_loss()
-                backward(loss)
-            if child:
-                child.mask_gradients()
-            if engine:  # clipping, the optimizer and the schedule, as configured in _deepspeed_engine
-                engine.step()
-            else:
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
-                optimizer.step()
-                schedule.step()
-            if ema:
-                ema.update_parameters(model)
-            losses.append(loss.item())
+        started = time.perf_counter()
+        batches = task.batches(data["train"], t.batch_size, shuffle_seed=t.seed * 1000 + epoch)
+        losses = [step(batch) for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}",
+                                                disable=not progress, mininterval=5)]
         epoch_time = time.perf_counter() - started
-        scored = ema.module if ema else model
-        dev_metrics = evaluate(task, scored, dev, t.batch_size)
+        scored = _scored_model(model, tricks)
+        dev_metrics = evaluate(task, scored, data["dev"], t.batch_size)
         metrics = {"epoch": epoch, "train/loss": float(np.mean(losses)),
                    "train/lr": max(g["lr"] for g in optimizer.param_groups),  # at the epoch's end
                    **{f"dev/{k}": v for k, v in dev_metrics.items()}, "time/epoch_s": epoch_time,
@@ -264,11 +259,11 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
         if report:
             report(metrics)
 
-    final = ema.module if ema else model
+    final = _scored_model(model, tricks)
     final.load_state_dict(best_state)
-    if tricks.lora_r:
-        final = final.merge_and_unload()
-    tested = {f"test/{k}": v for k, v in evaluate(task, final, test, t.batch_size).items()}
+    for trick in tricks:
+        final = trick.final_model(final)
+    tested = {f"test/{k}": v for k, v in evaluate(task, final, data["test"], t.batch_size).items()}
     summary = {**metrics, f"best_dev/{task.metric}": best, **tested}
     if logger:
         logger.log(t.epochs, {k: summary[k] for k in (f"best_dev/{task.metric}", *tested)}, replayed_steps="log")

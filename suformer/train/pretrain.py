@@ -22,6 +22,7 @@ from ..config import RESUBMIT_MUTABLE, PretrainConfig
 from ..data.corpus import DataError, preflight
 from ..data.dataset import READY, ensure_vocab, prepare_shards, shard_rows
 from ..data.objectives import OBJECTIVES
+from ..padding import IGNORE_INDEX
 from ..ray_connect import connect_or_start
 from ..storage import Location
 
@@ -95,7 +96,7 @@ def _samples(cfg: PretrainConfig, model_dir: Path, file: str, fs, count: int) ->
         else:
             with torch.no_grad():
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-            predicted = [int(i) if lab == -100 else int(logits[t].argmax())
+            predicted = [int(i) if lab == IGNORE_INDEX else int(logits[t].argmax())
                          for t, (i, lab) in enumerate(zip(batch["input_ids"][0], batch["labels"][0]))]
             lines += [f"input:     {tokenizer.decode(row['input_ids'])}",
                       f"predicted: {tokenizer.decode(predicted)}", ""]
@@ -134,9 +135,35 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
     uri = cfg.tracking_uri
     run_id, resumed = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, run_root=root,
                                         tags={"model.family": cfg.model.family, "data.objective": cfg.data.objective})
-    tracking.log_params(uri, run_id, {k: v for k, v in {**cfg.flat(), "data.shards": shards.uri,
-                                                         "data.examples": stats["examples"],
-                                                         "data.validation_rows": validation_rows}.items()},
+    # Outside the owned block: a resubmission whose settings conflict with the run's is refused here, and must not
+    # mark the earlier attempt's run FAILED.
+    _log_setup(cfg, uri, run_id, shards, stats, validation_rows, tokenizer)
+    with tracking.owned_run(uri, run_id):
+        print(f"[suformer] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}", flush=True)
+        if tracking.run_tags(uri, run_id).get(STOPPED_TAG):
+            tracking.delete_tag(uri, run_id, STOPPED_TAG)  # this attempt will set it again if it stops too
+
+        storage = root / "checkpoints"  # Ray Train keeps this run's checkpoints in storage / run name
+        result = _trainer(cfg, uri, run_id, len(tokenizer), storage, shards, files, held_out).fit()
+        stopped = tracking.run_tags(uri, run_id).get(STOPPED_TAG)
+        if stopped:
+            latest = Location(storage.fs, result.checkpoint.path).uri if result.checkpoint else "none yet"
+            raise TrainingStopped(f"training stopped: {stopped}. Last good checkpoint: {latest}. Resubmitting the "
+                                  "same run.name resumes from it (--set train.nonfinite_loss=skip to skip the bad "
+                                  "batches)")
+        model_dir = _export_and_log(cfg, uri, run_id, result, storage, tokenizer, shards, (held_out or files)[0])
+    return {"run_id": run_id, "model_dir": model_dir.uri, "tracking_uri": uri,
+            "checkpoint": Location(storage.fs, result.checkpoint.path).uri,
+            "experiment": cfg.run.experiment}
+
+
+def _log_setup(cfg: PretrainConfig, uri: str, run_id: str, shards: Location, stats: dict, validation_rows: int,
+               tokenizer: Tokenizer) -> None:
+    """The run's params, data counts (`stats`: the shards' READY record), dataset and setup files."""
+    from .. import tracking
+
+    tracking.log_params(uri, run_id, {**cfg.flat(), "data.shards": shards.uri, "data.examples": stats["examples"],
+                                      "data.validation_rows": validation_rows},
                         mutable=RESUBMIT_MUTABLE)
     # Documents, examples and what the data stage skipped or repaired (empty, over-long, NUL, invalid UTF-8).
     tracking.log_counts(uri, run_id, {k: v for k, v in stats.items() if isinstance(v, int)}, prefix="data/")
@@ -147,15 +174,14 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
         tokenizer.save_pretrained(tmp)
         tracking.log_artifacts(uri, run_id, tmp, "setup")
-    print(f"[suformer] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}", flush=True)
-    if tracking.run_tags(uri, run_id).get(STOPPED_TAG):
-        tracking.delete_tag(uri, run_id, STOPPED_TAG)  # this attempt will set it again if it stops too
 
-    storage = root / "checkpoints"  # Ray Train keeps this run's checkpoints in storage / run name
-    trainer = TorchTrainer(
+
+def _trainer(cfg: PretrainConfig, uri: str, run_id: str, vocab_size: int, storage: Location, shards: Location,
+             files: list, held_out: list) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_id": run_id, "tracking_uri": uri,
-                           "vocab_size": len(tokenizer), "checkpoints": (storage / cfg.run.name).uri,
+                           "vocab_size": vocab_size, "checkpoints": (storage / cfg.run.name).uri,
                            "shards": shards.uri, "shard_files": files,
                            "validation_files": held_out},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -170,17 +196,14 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
                 checkpoint_score_attribute="val_loss" if cfg.train.export_checkpoint == "best" else None),
         ),
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    stopped = tracking.run_tags(uri, run_id).get(STOPPED_TAG)
-    if stopped:
-        tracking.finish_run(uri, run_id, "FAILED")
-        latest = Location(storage.fs, result.checkpoint.path).uri if result.checkpoint else "none yet"
-        raise TrainingStopped(f"training stopped: {stopped}. Last good checkpoint: {latest}. Resubmitting the same "
-                              "run.name resumes from it (--set train.nonfinite_loss=skip to skip the bad batches)")
+
+
+def _export_and_log(cfg: PretrainConfig, uri: str, run_id: str, result, storage: Location, tokenizer: Tokenizer,
+                    shards: Location, sample_file: str) -> Location:
+    """Export the chosen checkpoint to run.root/<run.name>/model and log it on the run (with samples of it on
+    `sample_file` when configured); returns the model folder."""
+    from .. import tracking
+
     model_dir = cfg.run_dir / "model"
     checkpoint, step = _checkpoint_to_export(result, cfg.train)
     tracking.set_tag(uri, run_id, "suformer.exported_checkpoint", Location(storage.fs, checkpoint.path).name)
@@ -189,10 +212,7 @@ def run_pretraining(cfg: PretrainConfig, corpus=None) -> dict:
         tokenizer.save_pretrained(exported)
         tracking.log_model(uri, run_id, str(exported), name=cfg.run.name, step=step, model_type=cfg.model.family)
         if cfg.train.samples_to_log:
-            samples = _samples(cfg, exported, (held_out or files)[0], shards.fs, cfg.train.samples_to_log)
+            samples = _samples(cfg, exported, sample_file, shards.fs, cfg.train.samples_to_log)
             tracking.log_text(uri, run_id, samples, "samples.txt")
         model_dir.upload(exported)
-    tracking.finish_run(uri, run_id)
-    return {"run_id": run_id, "model_dir": model_dir.uri, "tracking_uri": uri,
-            "checkpoint": Location(storage.fs, result.checkpoint.path).uri,
-            "experiment": cfg.run.experiment}
+    return model_dir

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .base import Trick, register_trick
+
 LossFn = Callable[[], torch.Tensor]
 
 
@@ -130,3 +132,41 @@ def gradient_penalty(loss: torch.Tensor, embedding: torch.Tensor, epsilon: float
     path, the Triton kernels) have no double backward: the model must use attention_backend="reference"."""
     (grad,) = torch.autograd.grad(loss, embedding, create_graph=True)
     return loss + 0.5 * epsilon * grad.pow(2).sum()
+
+
+@register_trick
+class Adversarial(Trick):
+    """FGM, PGD or the gradient penalty on the task's token embedding (`tricks.adversarial`)."""
+    name = "adversarial"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.adversarial != "none"
+
+    @staticmethod
+    def check(cfg, task):
+        if cfg.train.zero_stage is not None and cfg.tricks.ptuning != "none":
+            raise ValueError("under a DeepSpeed engine the adversarial tricks run one backward, which P-tuning's "
+                             "tied MLM decoder cannot share with a perturbed embedding: drop one of them")
+
+    def model_overrides(self, overrides):
+        if self.settings.adversarial == "gradient_penalty":  # it differentiates through attention twice: only
+            return {**overrides, "attention_backend": "reference"}  # the reference backend can
+        return overrides
+
+    def setup(self, model, trainable, task, train):
+        self.embedding, self.trainable = task.embedding(model), trainable
+        # A DeepSpeed engine accepts one backward per step: the clean and adversarial losses go back together.
+        self.one_backward = self.cfg.train.zero_stage is not None
+
+    def backward(self, compute_loss, backward):
+        s = self.settings
+        if s.adversarial == "fgm":
+            return fgm_backward(compute_loss, self.embedding, s.adversarial_epsilon, backward,
+                                one_backward=self.one_backward)[0]
+        if s.adversarial == "pgd":
+            return pgd_backward(compute_loss, self.embedding, self.trainable, s.adversarial_epsilon, s.pgd_alpha,
+                                s.pgd_steps, backward, one_backward=self.one_backward)[0]
+        loss = gradient_penalty(compute_loss(), self.embedding, s.adversarial_epsilon)
+        backward(loss)
+        return loss

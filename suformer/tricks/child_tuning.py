@@ -13,6 +13,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .base import Trick, register_trick
+
 
 class ChildTuningF:
     def __init__(self, params: Iterable[torch.Tensor], reserve_p: float, generator: torch.Generator | None = None):
@@ -64,3 +66,30 @@ class ChildTuningD:
             grad = self.named_params[name].grad
             if grad is not None:
                 grad.mul_(mask)
+
+
+@register_trick
+class ChildTuning(Trick):
+    name = "child_tuning"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.child_tuning != "none"
+
+    @staticmethod
+    def check(cfg, task):
+        zero = cfg.train.zero_stage
+        if zero:
+            raise ValueError(f"tricks.child_tuning masks gradients after backward; ZeRO-{zero} has already reduced "
+                             "them into its partitions by then: use train.zero_stage 0 or unset")
+
+    def setup(self, model, trainable, task, train):
+        p, batch_size = self.settings.child_tuning_p, self.cfg.train.batch_size
+        if self.settings.child_tuning == "F":
+            self.child = ChildTuningF(trainable, p)
+        else:  # one pass over the training set first, counted in the first epoch's time
+            self.child = ChildTuningD.from_fisher(
+                model, lambda: (model(**b).loss for b in task.batches(train, batch_size)), p)
+
+    def after_backward(self):
+        self.child.mask_gradients()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .base import Trick, register_trick
+
 
 def ema_model(model: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
     if not 0 < decay < 1:
@@ -13,3 +15,22 @@ def ema_model(model: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     ema.update_parameters(model)  # AveragedModel's first update copies: make that Theta_0 = theta_0, not theta_1
     return ema
+
+
+@register_trick
+class EMA(Trick):
+    """Evaluated and kept: the averaged weights (`tricks.ema_decay`)."""
+    name = "ema"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.ema_decay is not None
+
+    def setup(self, model, trainable, task, train):
+        self.ema = ema_model(model, self.settings.ema_decay)
+
+    def after_step(self, model):
+        self.ema.update_parameters(model)
+
+    def eval_model(self, model):
+        return self.ema.module

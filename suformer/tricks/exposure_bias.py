@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import torch
 
+from ..padding import IGNORE_INDEX
+from .base import Trick, check_seq2seq, register_trick
+
 
 def replace_decoder_inputs(decoder_input_ids: torch.Tensor, labels: torch.Tensor, sample_prob: float = 0.5,
                            token_prob: float = 0.3, generator: torch.Generator | None = None) -> torch.Tensor:
     """`decoder_input_ids` [B, T] (start token first) with replacements drawn from each row's own `labels`
     (-100 = padding). The start token and padded positions are never touched."""
     out = decoder_input_ids.clone()
-    real = labels != -100
+    real = labels != IGNORE_INDEX
     for row in range(out.shape[0]):
         if torch.rand((), generator=generator) >= sample_prob:
             continue
@@ -23,3 +26,24 @@ def replace_decoder_inputs(decoder_input_ids: torch.Tensor, labels: torch.Tensor
         picks = torch.randint(len(pool), (len(chosen),), generator=generator)
         out[row, chosen] = pool[picks].to(out.dtype)
     return out
+
+
+@register_trick
+class ExposureBias(Trick):
+    name = "exposure_bias"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.exposure_bias_replace > 0
+
+    @staticmethod
+    def check(cfg, task):
+        check_seq2seq(cfg, task, "exposure_bias_replace")
+
+    def setup(self, model, trainable, task, train):
+        self.generator = torch.Generator().manual_seed(self.cfg.train.seed)
+
+    def transform_batch(self, batch, model):  # the decoder reads a partly wrong prefix
+        return {**batch, "decoder_input_ids": replace_decoder_inputs(
+            model.shift_right(batch["labels"]), batch["labels"], token_prob=self.settings.exposure_bias_replace,
+            generator=self.generator)}

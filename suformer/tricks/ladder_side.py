@@ -14,10 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.attention import AttentionMask
+from ..attention import AttentionMask
 from ..models.layers import at_least_fp32
+from ..models.outputs import ModelOutput
 from ..models.roformer import RoFormerLayer
-from ..tasks.classification import ClassifierOutput
+from .base import Trick, check_frozen_model_trick, register_trick
 
 
 class LadderSideClassifier(nn.Module):
@@ -58,7 +59,7 @@ class LadderSideClassifier(nn.Module):
             states.append(x)
         return states
 
-    def forward(self, input_ids, attention_mask=None, labels=None) -> ClassifierOutput:
+    def forward(self, input_ids, attention_mask=None, labels=None) -> ModelOutput:
         key_padding = (input_ids != self.expert.config.pad_token_id) if attention_mask is None else attention_mask.bool()
         states = self.expert_states(input_ids, key_padding)
         mask = AttentionMask(key_padding=key_padding)
@@ -67,4 +68,21 @@ class LadderSideClassifier(nn.Module):
             x = layer(x + ladder(states[(i + 1) * self.skip]), mask, layer=i)
         logits = self.classifier(x[:, 0])
         loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
-        return ClassifierOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=loss)
+
+
+@register_trick
+class LadderSide(Trick):
+    name = "ladder_side"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.ladder_side_layers > 0
+
+    @staticmethod
+    def check(cfg, task):
+        check_frozen_model_trick(cfg, task, "ladder_side_layers", "Ladder Side-Tuning")
+
+    def head(self, task, encoder, tokenizer):
+        return LadderSideClassifier(encoder, len(task.labels), side_layers=self.settings.ladder_side_layers,
+                                    dropout=self.cfg.model.dropout)

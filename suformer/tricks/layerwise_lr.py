@@ -7,6 +7,8 @@ import re
 
 import torch
 
+from .base import Trick, register_trick
+
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|block)\.(\d+)\.")
 
 
@@ -28,3 +30,17 @@ def layerwise_lr_groups(model: torch.nn.Module, lr: float, decay: float, weight_
         group["params"].append(p)
         group["names"].append(name)
     return sorted(groups.values(), key=lambda g: g["lr"])
+
+
+@register_trick
+class LayerwiseLR(Trick):
+    name = "layerwise_lr"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.layerwise_lr_decay is not None
+
+    def parameter_groups(self, model, groups):
+        by_depth = layerwise_lr_groups(model, self.cfg.train.lr, self.settings.layerwise_lr_decay,
+                                       groups[0]["weight_decay"])
+        return [{k: v for k, v in group.items() if k != "names"} for group in by_depth]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import Trick, register_trick
+
 DEFAULT_TARGETS = {"roformer_v2": ["query", "key", "value"], "t5_pegasus": ["q", "v"]}
 
 
@@ -20,3 +22,19 @@ def apply_lora(model: torch.nn.Module, family: str, r: int = 8, alpha: int = 8, 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@register_trick
+class LoRA(Trick):
+    name = "lora"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.lora_r > 0
+
+    def wrap_model(self, model, task):
+        return apply_lora(model, self.cfg.model.family, r=self.settings.lora_r, alpha=self.settings.lora_alpha,
+                          trainable_modules=task.head_modules or None)
+
+    def final_model(self, model):
+        return model.merge_and_unload()

@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
-from ..tasks.classification import ClassifierOutput, SequenceClassifier
+from ..models.outputs import ModelOutput
+from ..tasks.classification import SequenceClassifier
+from .base import Trick, check_frozen_model_trick, register_trick
 
 
 class _ConfigView(dict):
@@ -45,7 +47,7 @@ class PromptTunedClassifier(nn.Module):
         return self.model.classifier.weight.device
 
     def forward(self, inputs_embeds, attention_mask=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None) -> ClassifierOutput:
+                output_hidden_states=None, return_dict=None) -> ModelOutput:
         hidden = self.model.encoder.encode(None, attention_mask, inputs_embeds=inputs_embeds)
         if self.model.pooling == "cls":
             pooled = hidden[:, self.num_virtual_tokens]  # [CLS] follows the virtual tokens
@@ -55,7 +57,7 @@ class PromptTunedClassifier(nn.Module):
             pooled = self.model.pool(hidden, real)
         logits = self.model.classifier(self.model.dropout(pooled))
         loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
-        return ClassifierOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=loss)
 
 
 def apply_prompt_tuning(classifier: SequenceClassifier, num_virtual_tokens: int):
@@ -69,3 +71,19 @@ def apply_prompt_tuning(classifier: SequenceClassifier, num_virtual_tokens: int)
     for p in classifier.classifier.parameters():
         p.requires_grad_(True)
     return model
+
+
+@register_trick
+class PromptTuning(Trick):
+    name = "prompt_tuning"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.prompt_tuning_tokens > 0
+
+    @staticmethod
+    def check(cfg, task):
+        check_frozen_model_trick(cfg, task, "prompt_tuning_tokens", "prompt tuning")
+
+    def wrap_model(self, model, task):
+        return apply_prompt_tuning(model, self.settings.prompt_tuning_tokens)

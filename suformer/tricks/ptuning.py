@@ -14,9 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
-from ..tasks.classification import ClassifierOutput
+from ..models.outputs import ModelOutput
+from .base import Trick, register_trick
 
 PROMPT_IDS = tuple(range(1, 9))  # [unused1] .. [unused8]
+LABEL_WORDS = ("不", "很")  # the words at [MASK] for negative and positive, as in Su's template
 MASK_POSITION = 5  # [CLS] u1 u2 u3 u4 [MASK]
 
 
@@ -44,10 +46,38 @@ class PTuningClassifier(nn.Module):
         """`[CLS] text [SEP]` rows -> `[CLS] u1..u4 [MASK] u5..u8 text [SEP]`."""
         return torch.cat([self.prefix.expand(len(input_ids), -1), input_ids[:, 1:]], dim=1)
 
-    def forward(self, input_ids, attention_mask=None, labels=None) -> ClassifierOutput:
+    def forward(self, input_ids, attention_mask=None, labels=None) -> ModelOutput:
         ids = self.templated(input_ids)
         hidden = self.mlm.encode(ids, ids != self.mlm.config.pad_token_id)
         vocab_logits = self.mlm.cls.predictions.decoder(self.mlm.head_dropout(hidden[:, MASK_POSITION]))
         logits = vocab_logits[:, self.label_word_ids]
         loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
-        return ClassifierOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=loss)
+
+
+@register_trick
+class PTuning(Trick):
+    name = "ptuning"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.ptuning != "none"
+
+    @staticmethod
+    def check(cfg, task):
+        if cfg.data.task != "sentiment":
+            raise ValueError("tricks.ptuning casts classification as MLM at [MASK]: use it with data.task=sentiment")
+        if cfg.tricks.lora_r:
+            raise ValueError("tricks.ptuning and tricks.lora_r both choose what trains: pick one")
+
+    def head(self, task, encoder, tokenizer):
+        missing = [w for w in LABEL_WORDS if w not in tokenizer.vocab]
+        if missing:
+            raise ValueError(f"P-tuning's label words {missing} are not in the vocab {tokenizer.vocab_path}")
+        return PTuningClassifier(encoder, [tokenizer.vocab[w] for w in LABEL_WORDS], tokenizer.mask_id,
+                                 tokenizer.cls_id, freeze_model=self.settings.ptuning == "prompt")
+
+    def parameter_groups(self, model, groups):
+        if self.settings.ptuning == "prompt":  # 8 embedding rows train: weight decay would shrink all the others
+            return [{**group, "weight_decay": 0.0} for group in groups]
+        return groups

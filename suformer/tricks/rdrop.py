@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
+from ..padding import IGNORE_INDEX
+from .base import Trick, register_trick
 
 
 def repeat_for_rdrop(batch: dict) -> dict:
@@ -13,7 +15,7 @@ def repeat_for_rdrop(batch: dict) -> dict:
     return {k: v.repeat_interleave(2, dim=0) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def rdrop_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 4.0, ignore_index: int = -100) -> torch.Tensor:
+def rdrop_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 4.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """mean CE over all 2B rows + alpha/4 * mean over pairs of [KL(p1||p2) + KL(p2||p1)], as Su's code (the /4
     matches the paper's CE1 + CE2 + alpha/2 (KL + KL) up to the factor 1/2 of the mean). Logits are [2B, C] or
     [2B, T, C] (per-token KL, averaged over the positions whose label is not `ignore_index`)."""
@@ -24,3 +26,33 @@ def rdrop_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 4.0, i
     kl = (a.exp() * (a - b)).sum(-1) + (b.exp() * (b - a)).sum(-1)
     keep = (labels[0::2] != ignore_index).float()
     return ce + alpha / 4 * (kl * keep).sum() / keep.sum().clamp(min=1)
+
+
+@register_trick
+class RDrop(Trick):
+    name = "rdrop"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.rdrop_alpha > 0
+
+    @staticmethod
+    def check(cfg, task):
+        from ..tasks import TASKS
+
+        if not task.softmax_outputs:
+            with_softmax = [name for name, t in TASKS.items() if t.softmax_outputs]
+            raise ValueError(f"tricks.rdrop_alpha: R-Drop's KL compares softmax outputs, which task "
+                             f"{cfg.data.task!r} does not have (use it with {with_softmax})")
+        if cfg.tricks.sparse_softmax_k:
+            raise ValueError("tricks.sparse_softmax_k and tricks.rdrop_alpha each replace the loss: pick one")
+
+    def setup(self, model, trainable, task, train):
+        self.seq2seq = task.seq2seq
+
+    def loss(self, batch, model):
+        doubled = repeat_for_rdrop(batch)
+        inputs = {k: v for k, v in doubled.items() if k != "labels"}
+        if "decoder_input_ids" not in inputs and self.seq2seq:
+            inputs["decoder_input_ids"] = model.shift_right(doubled["labels"])
+        return lambda: rdrop_loss(model(**inputs).logits, doubled["labels"], self.settings.rdrop_alpha)

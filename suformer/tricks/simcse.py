@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import at_least_fp32
+from .base import Trick, register_trick
 
 
 def simcse_loss(embeddings: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
@@ -17,3 +18,22 @@ def simcse_loss(embeddings: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
     similarities = similarities.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
     twins = torch.arange(len(z), device=z.device) ^ 1  # 0<->1, 2<->3, ...
     return F.cross_entropy(similarities, twins)
+
+
+@register_trick
+class SimCSE(Trick):
+    name = "simcse"
+
+    @staticmethod
+    def active(tricks):
+        return tricks.simcse
+
+    @staticmethod
+    def check(cfg, task):
+        if task.name != "similarity":
+            raise ValueError(f"tricks.simcse trains sentence embeddings: use it with data.task=similarity, "
+                             f"not {cfg.data.task!r}")
+
+    def loss(self, batch, model):  # both sides of each pair as unlabelled sentences, each twice (two dropout masks)
+        return lambda: (simcse_loss(model.embed(batch["input_ids"].repeat_interleave(2, 0)))
+                        + simcse_loss(model.embed(batch["pair_input_ids"].repeat_interleave(2, 0)))) / 2

@@ -7,12 +7,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import pyarrow as pa
 
 if TYPE_CHECKING:
-    import torch
-
     from ...config import DataSection
     from ...tokenizer import Tokenizer
-
-IGNORE = -100  # label of positions the loss does not read (PyTorch's cross-entropy ignore_index)
 
 
 @dataclass(frozen=True)
@@ -34,14 +30,3 @@ class Objective:
     def vocab_words(self) -> bool:
         """A vocab built for a word-level objective holds words as well as characters."""
         return self.pre_tokenize == "jieba"
-
-
-def pad(rows: list, value: int) -> "torch.Tensor":
-    """Rows of ids -> one [len(rows), longest] long tensor, right-padded with `value`."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out

@@ -15,7 +15,8 @@ import random
 import pyarrow as pa
 
 from ...tokenizer import Tokenizer, jieba_words, normalize
-from .base import IGNORE, Objective, pad
+from ...padding import IGNORE_INDEX, pad
+from .base import Objective
 
 
 def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len: int = 512,
@@ -28,7 +29,7 @@ def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len
 
     def flush():
         if input_ids:
-            examples.append(([tokenizer.cls_id] + input_ids + [tokenizer.sep_id], [IGNORE] + labels + [IGNORE]))
+            examples.append(([tokenizer.cls_id] + input_ids + [tokenizer.sep_id], [IGNORE_INDEX] + labels + [IGNORE_INDEX]))
         input_ids.clear()
         labels.clear()
 
@@ -47,7 +48,7 @@ def whole_word_mask(text: str, tokenizer: Tokenizer, rng: random.Random, max_len
             input_ids += [rng.randrange(1, len(tokenizer)) for _ in ids]
         else:
             input_ids += ids
-            labels += [IGNORE] * len(ids)
+            labels += [IGNORE_INDEX] * len(ids)
             continue
         labels += ids
     flush()
@@ -68,6 +69,6 @@ OBJECTIVE = Objective(
     examples=_examples, makes_examples=lambda document, data: True,
     no_example_reason=lambda data: "every non-empty document makes at least one example",
     collate=lambda rows: {"input_ids": pad([r["input_ids"] for r in rows], 0),
-                          "labels": pad([r["labels"] for r in rows], IGNORE)},
+                          "labels": pad([r["labels"] for r in rows], IGNORE_INDEX)},
     longest=lambda data: data.max_len,
 )

@@ -21,7 +21,8 @@ from typing import Iterator
 import pyarrow as pa
 from rapidfuzz.distance import LCSseq
 
-from .base import IGNORE, Objective, pad
+from ...padding import IGNORE_INDEX, pad
+from .base import Objective
 
 
 def text_segmentate(text: str, maxlen: int, seps: str = "\n") -> list[str]:
@@ -107,7 +108,7 @@ def _examples(document: str, data, tokenizer) -> list[dict]:
 
 def _collate(rows: list[dict]) -> dict:
     target = pad([r["target_ids"] for r in rows], 0)
-    labels = target[:, 1:].masked_fill(target[:, 1:] == 0, IGNORE)  # predict y[1:] from y[:-1]
+    labels = target[:, 1:].masked_fill(target[:, 1:] == 0, IGNORE_INDEX)  # predict y[1:] from y[:-1]
     return {"input_ids": pad([r["input_ids"] for r in rows], 0), "decoder_input_ids": target[:, :-1],
             "labels": labels}
 

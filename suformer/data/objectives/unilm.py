@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .base import IGNORE, Objective, pad
+from ...padding import IGNORE_INDEX, pad
+from .base import Objective
 from .pegasus import chunk_units, makes_pseudo_summaries, no_pseudo_summary, pseudo_summary
 
 
 def unilm_labels(input_ids: list[int], token_type_ids: list[int]) -> list[int]:
     """labels[t] = input_ids[t + 1] where position t + 1 is target (segment 1), else -100: logits at t predict
     the next target token, starting from the source's [SEP] (bert4keras CrossEntropy(2))."""
-    nxt = input_ids[1:] + [IGNORE]
+    nxt = input_ids[1:] + [IGNORE_INDEX]
     seg = token_type_ids[1:] + [0]
-    return [tok if s == 1 else IGNORE for tok, s in zip(nxt, seg)]
+    return [tok if s == 1 else IGNORE_INDEX for tok, s in zip(nxt, seg)]
 
 
 def _chunk_chars(data) -> int:
@@ -35,7 +36,7 @@ def _examples(document: str, data, tokenizer) -> list[dict]:
 
 
 def _collate(rows: list[dict]) -> dict:
-    labels = pad([unilm_labels(list(r["input_ids"]), list(r["token_type_ids"])) for r in rows], IGNORE)
+    labels = pad([unilm_labels(list(r["input_ids"]), list(r["token_type_ids"])) for r in rows], IGNORE_INDEX)
     return {"input_ids": pad([r["input_ids"] for r in rows], 0),
             "token_type_ids": pad([r["token_type_ids"] for r in rows], 0), "labels": labels, "unilm": True}
 

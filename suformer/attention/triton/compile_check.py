@@ -1,8 +1,8 @@
 """Compile the attention kernels for a GPU on a machine without one: shared memory, registers, spills, MMA kind.
 
-    python -m suformer.kernels.compile_check                  # every launch for sm_80 and sm_90 (~15 min on 2 cores)
-    python -m suformer.kernels.compile_check --quick          # the suite's subset (sm_90, bf16, head dim 64 models)
-    python -m suformer.kernels.compile_check --archs 90 --head-dims 128 --json out.json
+    python -m suformer.attention.triton.compile_check           # every launch for sm_80 and sm_90 (~15 min on 2 cores)
+    python -m suformer.attention.triton.compile_check --quick   # the suite's subset (sm_90, bf16, head dim 64 models)
+    python -m suformer.attention.triton.compile_check --archs 90 --head-dims 128 --json out.json
 
 Every launch the dispatcher can make is recorded from the real host code (`flash_attention` forward and backward on
 CPU tensors of the profile's shapes, with each kernel launch captured instead of run), so the arguments are bound

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.attention import logn_factor
-from ..models.layers import relative_position_bucket, rotary_cos_sin
+from ..masks import logn_factor
+from ..positions import T5RelativeBias, relative_position_bucket, rotary_cos_sin
 from . import configs
 
 LOG2E = 1.4426950408889634
@@ -363,21 +363,12 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: fl
     return keep.bool()
 
 
-@dataclass(frozen=True)
-class RelativeBias:
-    """T5 bias description for the kernel: the learnable [num_buckets, heads] table and its bucketing."""
-
-    table: torch.Tensor
-    bidirectional: bool
-    max_distance: int = 128
-
-
 @dataclass
 class _Plan:
     """Everything but q/k/v and the bias table, prepared once per call and reused by the backward."""
 
     scale: torch.Tensor  # [B] fp32: log2(e) * scale (* log-n factor)
-    bias: Optional[RelativeBias]
+    bias: Optional[T5RelativeBias]
     bucket_lut: Optional[torch.Tensor]
     rope: Optional[tuple[torch.Tensor, torch.Tensor]]
     key_mask: Optional[torch.Tensor]
@@ -540,7 +531,7 @@ class _FlashAttention(torch.autograd.Function):
         )
         # Tables per key tile are sized for KEY_GRAIN-key tiles, the smallest: autotuning picks the tile at launch.
         grains = triton.cdiv(Lk, configs.KEY_GRAIN)
-        num_buckets = plan.bias.table.shape[0] if plan.bias is not None else 1
+        num_buckets = plan.bias.num_buckets if plan.bias is not None else 1
         dtable_parts = None
         if plan.bias is not None:  # zeros: tile pid_n writes row pid_n, rows from cdiv(Lk, BLOCK_N) on stay unwritten
             dtable_parts = torch.zeros((B * H, grains, num_buckets), dtype=torch.float32, device=q.device)
@@ -578,7 +569,7 @@ def flash_attention(
     v: torch.Tensor,
     *,
     scale: float = 1.0,
-    bias: Optional[RelativeBias] = None,
+    bias: Optional[T5RelativeBias] = None,
     rotary_base: Optional[float] = None,
     key_padding: Optional[torch.Tensor] = None,
     causal: bool = False,
@@ -640,7 +631,7 @@ def flash_attention(
     if bias is not None:
         if bias.table.dim() != 2 or bias.table.shape[1] != H:
             raise ValueError(f"bias table must be [num_buckets, {H}], got {tuple(bias.table.shape)}")
-        bucket_lut = _bucket_lut(bias.bidirectional, bias.table.shape[0], bias.max_distance, device)
+        bucket_lut = _bucket_lut(bias.bidirectional, bias.num_buckets, bias.max_distance, device)
 
     arch = _arch(device)
     plan = _Plan(

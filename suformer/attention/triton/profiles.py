@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flash import RelativeBias
+from ..positions import T5RelativeBias
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Profile:
         table = torch.randn(32, heads, generator=generator).to(device).requires_grad_()
         kwargs = dict(
             scale=head_dim ** -0.5,
-            bias=RelativeBias(table, self.bidirectional, 128) if self.bias else None,
+            bias=T5RelativeBias(table, self.bidirectional, 128) if self.bias else None,
             rotary_base=10000.0 if self.rope else None,
             key_padding=padding.to(device) if self.padding else None, causal=self.causal,
             segment_ids=segments.to(device) if self.unilm else None, window=64 if self.window else None,

@@ -1,7 +1,7 @@
 """Launch configurations of the attention kernels: the candidates a GPU run autotunes among, and the CPU one.
 
 Each GPU candidate is compile-checked for its architecture, A100 (sm_80) or H100/H200 (sm_90), in bf16 and fp16 by
-`python -m suformer.kernels.compile_check` (benchmarks/RESULTS.md keeps its table): none overruns the target's
+`python -m suformer.attention.triton.compile_check` (benchmarks/RESULTS.md keeps its table): none overruns the target's
 shared memory in any position scheme or mask profile, and at head dims up to 64 none spills registers in the model
 profiles (T5 encoder, decoder and cross attention, RoFormerV2 MLM and UniLM, all in training). At head dim 128 the
 backward kernels spill in some profiles in every tile that fits; the table says how much.
