@@ -35,7 +35,7 @@ class ModelSection(_Strict):
     def _preset_exists(self):
         from .models import FAMILIES
 
-        presets = FAMILIES[self.family][2]
+        presets = FAMILIES[self.family].presets
         if self.preset not in presets:
             raise ValueError(f"preset {self.preset!r} is not one of {sorted(presets)} for {self.family}")
         return self

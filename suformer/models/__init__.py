@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 from ..attention import AttentionMask, Rotary, T5RelativeBias, attention, available_backends, register_backend
-from .checkpoints import CheckpointError, from_pretrained, save_pretrained
-from .roformer import ROFORMER_PRESETS, RoFormerV2Config, RoFormerV2ForMaskedLM
-from .t5 import T5_PRESETS, T5PegasusConfig, T5PegasusForConditionalGeneration
-
-FAMILIES = {
-    "t5_pegasus": (T5PegasusConfig, T5PegasusForConditionalGeneration, T5_PRESETS),
-    "roformer_v2": (RoFormerV2Config, RoFormerV2ForMaskedLM, ROFORMER_PRESETS),
-}
+from . import roformer_layout, t5_layout  # noqa: F401  (each registers its family)
+from .checkpoints import from_pretrained, save_pretrained
+from .registry import FAMILIES, CheckpointError
+from .roformer import RoFormerV2Config, RoFormerV2ForMaskedLM
+from .t5 import T5PegasusConfig, T5PegasusForConditionalGeneration
 
 
 def build_model(family: str, preset: str = "base", **overrides):
@@ -17,17 +14,17 @@ def build_model(family: str, preset: str = "base", **overrides):
     compat for T5); `dropout` sets every dropout rate of the model."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from {sorted(FAMILIES)}")
-    config_cls, model_cls, presets = FAMILIES[family]
-    if preset not in presets:
-        raise ValueError(f"unknown {family} preset {preset!r}; choose from {sorted(presets)}")
-    fields = {**presets[preset], **overrides}
+    spec = FAMILIES[family]
+    if preset not in spec.presets:
+        raise ValueError(f"unknown {family} preset {preset!r}; choose from {sorted(spec.presets)}")
+    fields = {**spec.presets[preset], **overrides}
     if family == "roformer_v2" and "dropout" in overrides and "attention_dropout" not in overrides:
         fields["attention_dropout"] = overrides["dropout"]
     try:
-        config = config_cls(**fields)
+        config = spec.config_cls(**fields)
     except TypeError as e:
         raise ValueError(f"bad override for {family}: {e}") from None
-    return model_cls(config)
+    return spec.model_cls(config)
 
 
 __all__ = [

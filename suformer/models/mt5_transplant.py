@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..tokenizer import SPECIAL_TOKENS, load_vocab
-from .checkpoints import CheckpointError, _canonical_state, _read_weights, _t5_config_from_json, load_state
+from .checkpoints import _read_weights, canonical_state, load_state
+from .registry import CheckpointError
 from .t5 import T5PegasusForConditionalGeneration
+from .t5_layout import SPEC as T5_SPEC, config_fields_from_json
 
 SPM_FILES = ("spiece.model", "sentencepiece.model")
 
@@ -99,7 +101,7 @@ def convert_mt5(mt5_dir, vocab_file, compat: str = "bert4keras") -> tuple[T5Pega
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     if cfg.get("model_type") not in ("mt5", "t5"):
         raise CheckpointError(f"{config_file}: model_type={cfg.get('model_type')!r}, not an mT5")
-    state = _canonical_state("t5_pegasus", _read_weights(mt5_dir), mt5_dir)
+    state = canonical_state(T5_SPEC, _read_weights(mt5_dir), mt5_dir)
     if "lm_head.weight" not in state or torch.equal(state["lm_head.weight"], state["shared.weight"]):
         raise CheckpointError(f"{mt5_dir}: no separate lm_head.weight; mT5 (T5.1.1) has an untied LM head")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(spm))
@@ -120,7 +122,7 @@ def convert_mt5(mt5_dir, vocab_file, compat: str = "bert4keras") -> tuple[T5Pega
     for key in ("shared.weight", "lm_head.weight"):
         state[key] = plan.apply(state[key])
     try:
-        config = _t5_config_from_json(cfg, compat, False, {"vocab_size": len(plan.tokens)})
+        config = config_fields_from_json(cfg, compat, False, {"vocab_size": len(plan.tokens)})
     except KeyError as e:
         raise CheckpointError(f"{config_file}: missing field {e.args[0]!r}") from None
     model = T5PegasusForConditionalGeneration(config)

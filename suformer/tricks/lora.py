@@ -1,14 +1,13 @@
 """LoRA through PEFT (kexue.fm/archives/9590): W = W0 + (alpha / r) B A with B = 0 at the start, so the adapted model
 begins as the pretrained one; only the adapters (and the task head) train, and merging folds them into W0 for
-inference at no extra cost. RoFormerV2 is not in PEFT's default target map, so its projections are named here."""
+inference at no extra cost. RoFormerV2 is not in PEFT's default target map, so each family's spec names its
+projections (`lora_targets`)."""
 from __future__ import annotations
 
 import torch
 
+from ..models import FAMILIES
 from .base import Trick, register_trick
-
-DEFAULT_TARGETS = {"roformer_v2": ["query", "key", "value"], "t5_pegasus": ["q", "v"]}
-
 
 def apply_lora(model: torch.nn.Module, family: str, r: int = 8, alpha: int = 8, dropout: float = 0.0,
                targets: list[str] | None = None, trainable_modules: list[str] | None = None):
@@ -16,7 +15,7 @@ def apply_lora(model: torch.nn.Module, family: str, r: int = 8, alpha: int = 8, 
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                        target_modules=targets or DEFAULT_TARGETS[family], modules_to_save=trainable_modules)
+                        target_modules=targets or list(FAMILIES[family].lora_targets), modules_to_save=trainable_modules)
     return get_peft_model(model, config)
 
 
