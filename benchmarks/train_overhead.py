@@ -27,7 +27,7 @@ import torch
 from suformer.config import load_config
 from suformer.data.dataset import shard_files
 from suformer.train.batches import collate
-from suformer.train.loop import _optimizer, build
+from suformer.train.worker import optimizer_and_schedule, pretraining_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "t5_pegasus_tiny_cpu.yaml"
 
@@ -35,8 +35,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "t5_pegasus_
 def plain_loop(cfg, vocab_size, shards, steps, threads):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build(cfg, vocab_size).train()
-    optimizer, schedule = _optimizer(model, cfg)
+    model = pretraining_model(cfg, vocab_size).train()
+    optimizer, schedule = optimizer_and_schedule(model, cfg)
     rows = [r for f in shard_files(shards) for r in pq.read_table(f).to_pylist()]
     mb = cfg.train.micro_batch_size
     times = []

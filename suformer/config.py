@@ -1,6 +1,8 @@
-"""Typed pretraining config: one YAML (+ `--set key=value` overrides) validated before anything starts.
+"""Typed job configs (pretraining, fine-tuning, sweeps): one YAML (+ `--set key=value` overrides) validated before
+anything starts.
 
-Everything else is derived from it: the Ray ScalingConfig/RunConfig, the DeepSpeed JSON, the data shards.
+Everything else is derived from it: the Ray ScalingConfig/RunConfig, the DeepSpeed JSON, the data shards, the
+fine-tuning tasks and tricks it selects, the Tune search space.
 Errors name the offending key (`train.micro_batch_size: ...`) and jobs exit with status 2.
 """
 from __future__ import annotations

@@ -95,7 +95,7 @@ def test_init_from_on_object_storage_gives_the_same_model_and_vocab(s3_server, t
     from suformer.data.dataset import vocab_for_init
     from suformer.models import build_model, from_pretrained
     from suformer.storage import Location
-    from suformer.train.loop import build
+    from suformer.train.worker import pretraining_model
 
     vocab = char_vocab_file.read_text(encoding="utf-8")
     model = build_model("roformer_v2", "tiny", vocab_size=len(vocab.splitlines()))
@@ -107,7 +107,7 @@ def test_init_from_on_object_storage_gives_the_same_model_and_vocab(s3_server, t
     assert vocab_for_init(remote.uri, None) == remote / "vocab.txt"
     cfg = PretrainConfig.model_validate({"model": {"family": "roformer_v2", "init_from": remote.uri},
                                          "data": {"objective": "mlm"}})
-    built, local = build(cfg, model.config.vocab_size).state_dict(), from_pretrained(tmp_path / "model").state_dict()
+    built, local = pretraining_model(cfg, model.config.vocab_size).state_dict(), from_pretrained(tmp_path / "model").state_dict()
     assert built.keys() == local.keys() and all(torch.equal(built[k], local[k]) for k in local)
     # The folder written again with files of the same sizes (a re-run's export): the node's copy is not reused.
     time.sleep(1.1)  # object stores keep modification times to the second

@@ -175,6 +175,10 @@ class RoFormerV2ForMaskedLM(nn.Module):
         self.head_dropout = nn.Dropout(config.dropout)
         self.init_weights()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (transformers' accessor; the MLM head is tied to it)."""
+        return self.roformer.embeddings.word_embeddings
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Every kernel ~ TruncatedNormal(0, std) cut at +-2 std, std = 1.1368/sqrt(fan_in * layers): the truncated

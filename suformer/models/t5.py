@@ -201,6 +201,10 @@ class T5PegasusForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.shared.weight
         self.apply(self._init_weights)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding shared by the encoder and decoder (transformers' accessor)."""
+        return self.shared
+
     def _init_weights(self, module: nn.Module) -> None:
         """Mesh-TF / transformers T5 initialisation (T5 PEGASUS itself started from mT5's weights)."""
         c = self.config
@@ -226,7 +230,7 @@ class T5PegasusForConditionalGeneration(nn.Module):
 
     def output_multipliers(self) -> dict[str, float]:
         """Parameters that act through a fixed multiplier, by name: bert4keras mode's untied head reads the decoder
-        output times d_model**-0.5. The pretraining optimizer compensates (train/loop.py); tied embeddings, read
+        output times d_model**-0.5. The pretraining optimizer compensates (train/optimizers.py); tied embeddings, read
         unscaled at the input, cannot be."""
         c = self.config
         return {"lm_head.weight": c.d_model**-0.5} if c.scale_decoder_output and not c.tie_word_embeddings else {}

@@ -1,7 +1,7 @@
 """Fine-tuning tasks: benchmark readers, heads, losses and metrics, one module each (see `base.Task`)."""
 from __future__ import annotations
 
-from . import classification, idiom, ner, similarity, title  # noqa: F401  (each module registers its tasks)
+from . import classification, idiom, ner, sentiment, similarity, title  # noqa: F401  (each registers its tasks)
 from .registry import TASKS, register_task
 
 

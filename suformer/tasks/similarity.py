@@ -103,7 +103,7 @@ class SentencePairModel(nn.Module):
 
     @property
     def word_embeddings(self) -> torch.Tensor:
-        return self.encoder.roformer.embeddings.word_embeddings.weight
+        return self.encoder.get_input_embeddings().weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = input_ids != self.encoder.config.pad_token_id

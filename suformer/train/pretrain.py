@@ -1,7 +1,7 @@
 """Pretraining driver: config -> vocab + Parquet shards (Ray Data) -> TorchTrainer (DeepSpeed workers) -> export.
 
 The driver owns the MLflow run (found again by run name when a job is resubmitted) and the final export; the
-workers (`loop.train_loop_per_worker`) train and checkpoint into Ray Train storage under the run root. The run root
+workers (`worker.train_loop_per_worker`) train and checkpoint into Ray Train storage under the run root. The run root
 is a local or shared folder or an object-store prefix (`storage.Location`): vocab, shards, checkpoints and the
 exported model all go through it, so the nodes need no shared filesystem.
 """
@@ -28,7 +28,7 @@ from ..storage import Location
 
 from ..tokenizer import Tokenizer
 from .deepspeed_config import deepspeed_config, deepspeed_process_settings
-from .loop import STOPPED_TAG, build, train_loop_per_worker
+from .worker import STOPPED_TAG, pretraining_model, train_loop_per_worker
 from .run_checkpoints import CHECKPOINT_TAG
 from .validation import split_validation
 
@@ -52,7 +52,7 @@ def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> 
                 state = get_fp32_state_dict_from_zero_checkpoint(d, tag=CHECKPOINT_TAG)
     # The trained model's architecture: init_from's when set (its dimensions need not be a preset's), whose
     # weights the checkpoint's then replace.
-    model = build(cfg, vocab_size)
+    model = pretraining_model(cfg, vocab_size)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     tied = {"lm_head.weight", "cls.predictions.decoder.weight"}
     if unexpected or set(missing) - tied:

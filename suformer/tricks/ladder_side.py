@@ -45,7 +45,7 @@ class LadderSideClassifier(nn.Module):
 
     @property
     def word_embeddings(self) -> torch.Tensor:
-        return self.expert.roformer.embeddings.word_embeddings.weight
+        return self.expert.get_input_embeddings().weight
 
     @torch.no_grad()
     def expert_states(self, input_ids, key_padding) -> list[torch.Tensor]:

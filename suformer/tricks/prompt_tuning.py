@@ -40,7 +40,7 @@ class PromptTunedClassifier(nn.Module):
                                   num_layers=c.num_layers, num_attention_heads=c.num_heads)
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.encoder.roformer.embeddings.word_embeddings
+        return self.model.encoder.get_input_embeddings()
 
     @property
     def device(self) -> torch.device:

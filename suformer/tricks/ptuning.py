@@ -40,7 +40,7 @@ class PTuningClassifier(nn.Module):
 
     @property
     def word_embeddings(self) -> torch.Tensor:
-        return self.mlm.roformer.embeddings.word_embeddings.weight
+        return self.mlm.get_input_embeddings().weight
 
     def templated(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`[CLS] text [SEP]` rows -> `[CLS] u1..u4 [MASK] u5..u8 text [SEP]`."""

@@ -34,7 +34,8 @@ STOPPED_TAG = "suformer.stopped"  # MLflow tag: why the workers stopped the run 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def build(cfg: PretrainConfig, vocab_size: int):
+def pretraining_model(cfg: PretrainConfig, vocab_size: int):
+    """The model `cfg.model` describes: a preset's, or `model.init_from`'s weights."""
     m = cfg.model
     overrides = dict(vocab_size=vocab_size, dropout=m.dropout)
     if m.attention_backend:
@@ -58,7 +59,7 @@ def learning_rate_factor(step: int, warmup: int, total: int, schedule: str, min_
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _optimizer(model, cfg: PretrainConfig):
+def optimizer_and_schedule(model, cfg: PretrainConfig):
     t = cfg.train
     optimizer = build_optimizer(model, t, flat_partitions=flattens_parameters(t))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -149,8 +150,8 @@ def _engine(cfg: PretrainConfig, vocab_size: int, resume):
     ds_config = deepspeed_config(t)
     if resume and resume.needs_universal:
         ds_config["checkpoint"] = {"load_universal": True}
-    model = build(cfg, vocab_size)
-    optimizer, schedule = _optimizer(model, cfg)
+    model = pretraining_model(cfg, vocab_size)
+    optimizer, schedule = optimizer_and_schedule(model, cfg)
     load_deepspeed_ops(ops_for(t.use_gpu))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     return engine, schedule
