@@ -7,12 +7,14 @@ Errors name the offending key (`train.micro_batch_size: ...`) and jobs exit with
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .storage import Location
 
@@ -25,13 +27,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _registered_family(name: str) -> str:
+    """A model family registered in suformer.models (a Literal of them, read from the registry)."""
+    from .models import FAMILIES
+
+    if name not in FAMILIES:
+        names = [repr(family) for family in FAMILIES]
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": " or ".join([", ".join(names[:-1]), names[-1]] if names[:-1] else names)})
+    return name
+
+
 class ModelSection(_Strict):
-    family: Literal["t5_pegasus", "roformer_v2"]
+    family: str
     preset: str = "tiny"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     attention_backend: Optional[str] = None  # None: the model default "auto" (Triton kernels on CUDA, SDPA elsewhere)
     compat: Literal["bert4keras", "hf"] = "bert4keras"  # T5 only
     init_from: Optional[str] = None  # a save_pretrained directory to continue from
+
+    check_family = field_validator("family")(_registered_family)
+
+    def config_overrides(self) -> dict[str, Any]:
+        """The settings of this section that the family's model config declares (dropout, attention_backend, and
+        T5's compat), unset ones left out: what build_model and from_pretrained are given."""
+        from .models import FAMILIES
+
+        declared = {f.name for f in dataclasses.fields(FAMILIES[self.family].config_cls) if f.init}
+        return {key: value for key, value in self.model_dump().items() if key in declared and value is not None}
 
     @model_validator(mode="after")
     def _preset_exists(self):
@@ -131,7 +154,23 @@ class RunSection(_Strict):
     name: str = Field("suformer-pretrain", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     root: str = Field(default_factory=lambda: os.environ.get("SUFORMER_ROOT", str(Path.home() / "suformer_runs")))
     experiment: str = "suformer-pretrain"
-    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite under `root`
+    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite under `root` (resolved on load)
+
+    @model_validator(mode="after")
+    def _resolve_tracking_uri(self):
+        """Resolved once, when the config is loaded: a config sent to a Ray worker (whose MLFLOW_TRACKING_URI may
+        differ from the driver's) keeps the driver's store."""
+        if self.tracking_uri:
+            return self
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            uri = os.environ["MLFLOW_TRACKING_URI"]
+        elif "://" in self.root:
+            raise ValueError(f"run.root={self.root!r} is on object storage, where MLflow cannot keep its database: "
+                             "set run.tracking_uri (an MLflow server, or sqlite:///<local path>) or MLFLOW_TRACKING_URI")
+        else:
+            uri = f"sqlite:///{Location.of(self.root).path}/mlflow.db"
+        self.__dict__["tracking_uri"] = uri  # not through validate_assignment, which would run this again
+        return self
 
 
 # Settings a resubmitted run may change: they do not alter what was trained so far. (The NaN policy among them:
@@ -155,15 +194,7 @@ class _Job(_Strict):
 
     @property
     def tracking_uri(self) -> str:
-        if self.run.tracking_uri:
-            return self.run.tracking_uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
-        if "://" in self.run.root:
-            raise ConfigError(f"run.root={self.run.root!r} is on object storage, where MLflow cannot keep its "
-                              "database: set run.tracking_uri (an MLflow server, or sqlite:///<local path>) or "
-                              "MLFLOW_TRACKING_URI")
-        return f"sqlite:///{Location.of(self.run.root).path}/mlflow.db"
+        return self.run.tracking_uri
 
     def flat(self) -> dict[str, Any]:
         """`section.key: value` pairs (MLflow params)."""
@@ -174,7 +205,7 @@ class PretrainConfig(_Job):
     model: ModelSection
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
-    run: RunSection = RunSection()
+    run: RunSection = Field(default_factory=RunSection)  # made (and its store resolved) at load
 
     @model_validator(mode="after")
     def _objective_fits_family(self):
@@ -197,12 +228,27 @@ class PretrainConfig(_Job):
 
 
 
+class FinetuneRunSection(RunSection):
+    name: str = Field("suformer-finetune", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    experiment: str = "suformer-finetune"
+
+    @field_validator("root")
+    @classmethod
+    def _local(cls, root: str) -> str:
+        if "://" in root:
+            raise ValueError(f"run.root {root!r}: fine-tuning keeps its runs on a local or shared filesystem "
+                             "(object storage is for pretraining runs)")
+        return root
+
+
 class FinetuneModelSection(_Strict):
-    family: Literal["roformer_v2", "t5_pegasus"] = "roformer_v2"  # must be the task's (its Task.family)
+    family: str = "roformer_v2"  # must be the task's (its Task.family)
     preset: str = "tiny"
     init_from: Optional[str] = None  # a save_pretrained model of the family (e.g. a pretraining run's export)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)  # Su uses 0.3 with R-Drop and SimCSE
     pooling: Literal["cls", "mean"] = "cls"
+
+    check_family = field_validator("family")(_registered_family)
     similarity_loss: Literal["cosent", "sbert"] = "cosent"  # similarity task: CoSENT or the Sentence-BERT baseline
     attention_backend: Optional[str] = None
 
@@ -289,7 +335,7 @@ class FinetuneConfig(_Job):
     data: FinetuneDataSection = FinetuneDataSection()
     tricks: TricksSection = TricksSection()
     train: FinetuneTrainSection = FinetuneTrainSection()
-    run: RunSection = RunSection(name="suformer-finetune", experiment="suformer-finetune")
+    run: FinetuneRunSection = Field(default_factory=FinetuneRunSection)
 
     @model_validator(mode="after")
     def _fits_task(self):
@@ -297,9 +343,6 @@ class FinetuneConfig(_Job):
         from .tricks import TRICKS
 
         task, spec = self.data.task, TASKS[self.data.task]
-        if "://" in self.run.root:
-            raise ValueError(f"run.root {self.run.root!r}: fine-tuning keeps its runs on a local or shared "
-                             "filesystem (object storage is for pretraining runs)")
         if self.model.family != spec.family:
             raise ValueError(f"data.task {task!r} fine-tunes {spec.family}, not model.family "
                              f"{self.model.family!r}")

@@ -175,11 +175,7 @@ def run_sweep(sweep: SweepConfig, stop: dict | None = None) -> dict:
     from .ray_connect import connect_or_start
 
     base = sweep.finetune
-    uri = base.tracking_uri
-    # Resolved once, here: a trial resolving it again on a worker (whose MLFLOW_TRACKING_URI may differ from the
-    # driver's) would put the children in another store than their parent.
-    sweep = sweep.model_copy(update={"finetune": base.model_copy(update={"run": base.run.model_copy(
-        update={"tracking_uri": uri})})})
+    uri = base.tracking_uri  # resolved when the config was loaded: trials on other nodes use the same store
     root = Path(base.run.root).expanduser().resolve()
     connect_or_start()
     # A new parent per sweep run: children of an earlier sweep with the same name must not enter this comparison.

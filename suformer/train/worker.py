@@ -37,16 +37,11 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10
 def pretraining_model(cfg: PretrainConfig, vocab_size: int):
     """The model `cfg.model` describes: a preset's, or `model.init_from`'s weights."""
     m = cfg.model
-    overrides = dict(vocab_size=vocab_size, dropout=m.dropout)
-    if m.attention_backend:
-        overrides["attention_backend"] = m.attention_backend
-    if m.family == "t5_pegasus":
-        overrides["compat"] = m.compat
+    overrides = m.config_overrides()
     if m.init_from:
         folder = Location.of(m.init_from).local_folder()  # a URI is copied once per node
-        return from_pretrained(folder, **({"compat": m.compat} if m.family == "t5_pegasus" else {}),
-                               **{k: v for k, v in overrides.items() if k not in ("vocab_size", "compat")}).train()
-    return build_model(m.family, m.preset, **overrides)
+        return from_pretrained(folder, **overrides).train()
+    return build_model(m.family, m.preset, vocab_size=vocab_size, **overrides)
 
 
 def learning_rate_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
