@@ -7,63 +7,14 @@ the one with the best `score / length**length_penalty` is returned once no beam 
 
 The search loops are written once against a *stepper*: `stepper(tokens)` feeds the new tokens [N, 1] (or None
 for the prompt) and returns next-token logits [N, V]; `stepper.reorder(rows)` keeps only the given rows' cache.
+Each family defines its stepper next to its model (t5.py: encoder once, then the decoder; roformer.py: UniLM) and
+its `generate` calls `search`.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-
-from .attention import KVCache
-
-
-class _T5Stepper:
-    """Encoder once, then the decoder one token at a time from `[CLS]`."""
-
-    def __init__(self, model, input_ids, attention_mask, copies: int):
-        mask = model.padding_mask(input_ids) if attention_mask is None else attention_mask.bool()
-        encoded = model.encode(input_ids, mask)
-        self.model = model
-        self.encoded = encoded.repeat_interleave(copies, dim=0)
-        self.mask = mask.repeat_interleave(copies, dim=0)
-        self.cache = KVCache(model.config.num_decoder_layers)
-        self.start = torch.full((self.encoded.shape[0], 1), model.config.decoder_start_token_id, device=input_ids.device)
-
-    def __call__(self, tokens: Optional[torch.Tensor]) -> torch.Tensor:
-        tokens = self.start if tokens is None else tokens
-        return self.model.decode(tokens, self.encoded, self.mask, cache=self.cache)[:, -1].float()
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        self.encoded, self.mask = self.encoded[rows], self.mask[rows]
-        self.cache.reorder(rows)
-
-
-class _UniLMStepper:
-    """The source (segment 0) in one pass, then target tokens (segment 1) one at a time; RoPE positions and the
-    UniLM mask continue across the cache exactly as bert4keras' re-encoding of source + output does."""
-
-    def __init__(self, model, input_ids, token_type_ids, attention_mask, copies: int):
-        self.model = model
-        self.source = input_ids.repeat_interleave(copies, dim=0)
-        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        self.types = types.repeat_interleave(copies, dim=0)
-        pad = (input_ids != model.config.pad_token_id) if attention_mask is None else attention_mask.bool()
-        self.padding = pad.repeat_interleave(copies, dim=0)
-        self.cache = KVCache(model.config.num_layers)
-
-    def __call__(self, tokens: Optional[torch.Tensor]) -> torch.Tensor:
-        if tokens is None:
-            ids = self.source
-        else:
-            ids = tokens
-            self.types = torch.cat([self.types, torch.ones_like(tokens)], dim=1)
-            self.padding = torch.cat([self.padding, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
-        hidden = self.model.encode(ids, self.padding, self.types, cache=self.cache, unilm=True)
-        return self.model.cls.predictions.decoder(hidden[:, -1]).float()
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        self.types, self.padding = self.types[rows], self.padding[rows]
-        self.cache.reorder(rows)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -196,8 +147,10 @@ def _generate(stepper_factory, batch, device, *, eos, pad, max_new_tokens=32, nu
     )
 
 
-def generate_seq2seq(model, input_ids, attention_mask=None, **options) -> torch.Tensor:
-    """T5 PEGASUS: generated ids [B, T] after the `[CLS]` start, ending with `[SEP]`, right-padded with [PAD].
+def search(model, stepper_factory, input_ids, *, eos: int, **options) -> torch.Tensor:
+    """Generated ids [B, T] for the batch `input_ids`, ending with `eos`, right-padded with the model's [PAD]; the
+    model is in eval mode meanwhile. `stepper_factory(copies)` builds the family's stepper with each row repeated
+    `copies` times (the beams).
 
     Options: max_new_tokens (32), num_beams (1), do_sample, temperature, top_k, top_p, length_penalty (None:
     bert4keras semantics), min_new_tokens, generator (a torch.Generator for reproducible sampling),
@@ -207,27 +160,7 @@ def generate_seq2seq(model, input_ids, attention_mask=None, **options) -> torch.
     was_training = model.training
     model.eval()
     try:
-        return _generate(
-            lambda copies: _T5Stepper(model, input_ids, attention_mask, copies), input_ids.shape[0], input_ids.device,
-            eos=model.config.eos_token_id, pad=model.config.pad_token_id, **options,
-        )
-    finally:
-        model.train(was_training)
-
-
-def generate_unilm(model, input_ids, token_type_ids=None, attention_mask=None, *, eos_token_id=102, **options):
-    """RoFormerV2 as UniLM: `input_ids` is `[CLS] source [SEP]` (right-padded); returns target ids [B, T] ending
-    with `eos_token_id` ([SEP]). Same options as `generate_seq2seq`."""
-    if attention_mask is not None and not bool(attention_mask.bool()[:, -1].all()):
-        raise ValueError("UniLM generation continues each source at its end: left-pad the batch, or pass one source")
-    if attention_mask is None and bool((input_ids[:, -1] == model.config.pad_token_id).any()):
-        raise ValueError("UniLM generation continues each source at its end: left-pad the batch, or pass one source")
-    was_training = model.training
-    model.eval()
-    try:
-        return _generate(
-            lambda copies: _UniLMStepper(model, input_ids, token_type_ids, attention_mask, copies),
-            input_ids.shape[0], input_ids.device, eos=eos_token_id, pad=model.config.pad_token_id, **options,
-        )
+        return _generate(stepper_factory, input_ids.shape[0], input_ids.device, eos=eos,
+                         pad=model.config.pad_token_id, **options)
     finally:
         model.train(was_training)

@@ -150,7 +150,7 @@ def unilm_model():
         torch.manual_seed(seed)
         model = build_model("roformer_v2", "tiny", vocab_size=VOCAB, dropout=0.0).eval()
         with torch.no_grad():  # random post-norm layers barely move the tied embedding: the model would copy
-            for p in model.roformer.encoder.parameters():  # its last input token forever
+            for p in model.layers.parameters():  # its last input token forever
                 p.mul_(6)
         src = torch.randint(106, VOCAB, (2, 9))
         src[:, 0], src[:, -1] = 101, 102

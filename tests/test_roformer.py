@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from suformer.models import CheckpointError, build_model, from_pretrained
+from suformer.models.checkpoints import checkpoint_state
 from suformer.models.roformer import roformer_v2_init_std
 
 from numerics import rel_err
@@ -63,7 +64,7 @@ def test_matches_spec_forward_with_padding(backend):
     types = torch.zeros_like(ids)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, token_type_ids=types).logits
-    expected = spec_forward(model.state_dict(), 2, ids, types, mask)
+    expected = spec_forward(checkpoint_state(model), 2, ids, types, mask)
     for b in range(3):
         n = int(mask[b].sum())
         assert rel_err(logits[b, :n].double(), expected[b][:n]) < 1e-5
@@ -75,7 +76,7 @@ def test_unilm_matches_spec_and_is_causal_on_the_target():
     seg = ((torch.arange(21)[None, :] >= torch.tensor([12, 6, 2])[:, None]) & mask).long()
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, token_type_ids=seg, unilm=True).logits
-        expected = spec_forward(model.state_dict(), 2, ids, seg, mask, segment_ids=seg)
+        expected = spec_forward(checkpoint_state(model), 2, ids, seg, mask, segment_ids=seg)
         for b in range(3):
             n = int(mask[b].sum())
             assert rel_err(logits[b, :n].double(), expected[b][:n]) < 1e-5
@@ -90,7 +91,7 @@ def test_no_biases_parameter_free_norms_and_tied_head():
     model = build_model("roformer_v2", "base")
     names = [n for n, _ in model.named_parameters()]
     assert not any("bias" in n or "norm" in n.lower() for n in names)
-    assert model.cls.predictions.decoder.weight is model.roformer.embeddings.word_embeddings.weight
+    assert model.mlm_head.weight is model.embeddings.word_embeddings.weight
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 94
 
 
@@ -98,13 +99,13 @@ def test_initialisation_follows_the_spec():
     """std 1/sqrt(fan_in * layers) after truncation at +-2 sigma; fan is the hidden size for embeddings."""
     model = build_model("roformer_v2", "base")
     L, H, I = 12, 768, 3072
-    layer = model.roformer.encoder.layer[0]
+    layer = model.layers[0]
     cases = {
-        "query": (layer.attention.self.query.weight, H),
-        "ffn_in": (layer.intermediate.dense.weight, H),
-        "ffn_out": (layer.output.dense.weight, I),
-        "word_embeddings": (model.roformer.embeddings.word_embeddings.weight, H),
-        "token_type": (model.roformer.embeddings.token_type_embeddings.weight, H),
+        "query": (layer.attention.query.weight, H),
+        "ffn_in": (layer.ffn_in.weight, H),
+        "ffn_out": (layer.ffn_out.weight, I),
+        "word_embeddings": (model.embeddings.word_embeddings.weight, H),
+        "token_type": (model.embeddings.token_type_embeddings.weight, H),
     }
     for name, (w, fan) in cases.items():
         sigma = 1.13684723 / math.sqrt(fan * L)

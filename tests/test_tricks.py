@@ -45,7 +45,7 @@ def test_fgm_adds_the_adversarial_gradient_and_restores_the_embedding_exactly():
     model, inputs = classifier(), batch()
     original = model.word_embeddings.detach().clone()
     clean = grads_at(model, original, inputs)
-    g = clean["encoder.roformer.embeddings.word_embeddings.weight"]
+    g = clean["encoder.embeddings.word_embeddings.weight"]
     perturbed = original + 0.05 * g / g.norm()
     adversarial = grads_at(model, perturbed, inputs)
 
@@ -141,7 +141,7 @@ def test_child_tuning_d_masks_all_but_the_highest_fisher_entries():
     model, inputs = classifier(), batch()
     batches = [{k: v[i:i + 2] for k, v in inputs.items()} for i in (0, 2)]
     child = ChildTuningD.from_fisher(model, lambda: (model(**b).loss for b in batches), reserve_p=0.2)
-    assert set(child.masks) == {n for n, _ in model.named_parameters() if ".layer." in n}
+    assert set(child.masks) == {n for n, _ in model.named_parameters() if ".layers." in n}
 
     fisher = {}  # slow reference: per batch, clip each parameter's gradient to norm 1, square, average
     for b in batches:
@@ -187,8 +187,8 @@ def test_layerwise_lr_decays_from_the_top_block_down_to_the_embeddings():
     lr_of = {n: g["lr"] for g in groups for n in g["names"]}
     layers = model.encoder.config.num_layers
     for name in names:
-        if ".layer." in name:
-            i = int(name.split(".layer.")[1].split(".")[0])
+        if ".layers." in name:
+            i = int(name.split(".layers.")[1].split(".")[0])
             assert lr_of[name] == pytest.approx(1e-3 * 0.5 ** (layers - 1 - i))
         elif "embeddings" in name:
             assert lr_of[name] == pytest.approx(1e-3 * 0.5**layers)
@@ -313,7 +313,7 @@ def test_ptuning_reads_the_mlm_head_at_mask_and_prompt_mode_trains_only_the_eigh
     model(**inputs).loss.backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    embedding = "mlm.roformer.embeddings.word_embeddings.weight"
+    embedding = "mlm.embeddings.word_embeddings.weight"
     rows = (model.word_embeddings != before[embedding]).any(dim=1).nonzero().flatten().tolist()
     if mode == "prompt":
         assert len(trainable) == 1 and changed == {embedding}
@@ -345,10 +345,10 @@ def test_ladder_side_tuning_reads_the_frozen_expert_and_trains_only_the_side_net
     def logits_after_changing_expert_layer():
         before = model(**inputs).logits.detach()
         with torch.no_grad():
-            expert.roformer.encoder.layer[0].output.dense.weight.mul_(3.0)
+            expert.layers[0].ffn_out.weight.mul_(3.0)
         after = model(**inputs).logits.detach()
         with torch.no_grad():
-            expert.roformer.encoder.layer[0].output.dense.weight.div_(3.0)
+            expert.layers[0].ffn_out.weight.div_(3.0)
         return before, after
 
     before, after = logits_after_changing_expert_layer()
@@ -370,7 +370,7 @@ def test_peft_prompt_tuning_prepends_its_vectors_and_trains_only_them_and_the_he
     mask = inputs["input_ids"] != 0
     prompt = model.prompt_encoder["default"].embedding.weight  # PEFT's soft prompt, [4, hidden]
     # The same computation by hand: prompt vectors, then the word vectors; [CLS] is the first real token.
-    words = base.encoder.roformer.embeddings.word_embeddings(inputs["input_ids"])
+    words = base.encoder.embeddings.word_embeddings(inputs["input_ids"])
     embeds = torch.cat([prompt.expand(len(words), -1, -1), words], dim=1)
     full_mask = torch.cat([torch.ones(len(words), 4, dtype=torch.bool), mask], dim=1)
     hidden = base.encoder.encode(None, full_mask, inputs_embeds=embeds)

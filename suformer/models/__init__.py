@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..attention import AttentionMask, Rotary, T5RelativeBias, attention, available_backends, register_backend
-from . import roformer_layout, t5_layout  # noqa: F401  (each registers its family)
+from . import t5_layout, roformer_layout  # noqa: F401, I001  (each registers its family; this order is the configs' error text)
 from .checkpoints import from_pretrained, save_pretrained
 from .registry import FAMILIES, CheckpointError
 from .roformer import RoFormerV2Config, RoFormerV2ForMaskedLM
@@ -18,8 +18,6 @@ def build_model(family: str, preset: str = "base", **overrides):
     if preset not in spec.presets:
         raise ValueError(f"unknown {family} preset {preset!r}; choose from {sorted(spec.presets)}")
     fields = {**spec.presets[preset], **overrides}
-    if family == "roformer_v2" and "dropout" in overrides and "attention_dropout" not in overrides:
-        fields["attention_dropout"] = overrides["dropout"]
     try:
         config = spec.config_cls(**fields)
     except TypeError as e:

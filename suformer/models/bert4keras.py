@@ -1,6 +1,7 @@
 """The checkpoints Su released, as published: bert4keras TensorFlow directories (`chinese_t5_pegasus_{small,base}`:
 `model.ckpt` + `config.json` + `vocab.txt`; `chinese_roformer-v2-char_*`: `bert_model.ckpt` + `bert_config.json` +
-`vocab.txt`), mapped onto the transformers-layout names our models use (spec: models.md §4.1 and §2.9).
+`vocab.txt`), mapped onto the transformers-layout checkpoint names (spec: models.md §4.1 and §2.9), which the
+family's key templates then map onto the model's own, as for any other checkpoint.
 
 TensorFlow kernels are [in, out] and become `nn.Linear.weight = kernel.T`; the T5 relative-bias tables are
 [heads, buckets] and become `nn.Embedding(buckets, heads)`. T5 PEGASUS is then read with the bert4keras semantics
@@ -30,7 +31,7 @@ def is_bert4keras_dir(folder) -> bool:
 
 
 def read_bert4keras(folder) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    """(family, a config.json in our layout's terms, the state dict in the transformers layout)."""
+    """(family, a config.json in our layout's terms, the state dict in the transformers layout's names)."""
     folder = Path(folder)
     checkpoint = TFCheckpoint(find_checkpoint(folder))
     config_file = next(folder / name for name in CONFIG_FILES if (folder / name).is_file())

@@ -1,8 +1,9 @@
 """Checkpoint import/export in the formats users have: transformers' MT5 layout (the public T5 PEGASUS port),
 JunnYu's RoFormerV2 layout, and (import only) Su's bert4keras TensorFlow releases (bert4keras.py maps their names
-onto these layouts). Generic over the families' specs (registry.py): each model names its parameters after its
-layout, so loading is validation plus the spec's renames; every missing, unexpected or mis-shaped tensor is an error
-that names it.
+onto these layouts' names). Generic over the families' specs (registry.py): a model names its parameters for what
+they are, and its spec's key templates map them to and from the checkpoint's names. Weights are validated in
+checkpoint names, so every missing, unexpected or mis-shaped tensor is an error that names it as the file does,
+and only then renamed and loaded.
 """
 from __future__ import annotations
 
@@ -39,11 +40,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def canonical_state(family: FamilySpec, state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
-    """Checkpoint keys -> model keys; tied aliases must really equal what they alias."""
+    """A checkpoint's weights less what the model computes or ties, still in checkpoint names; tied aliases must
+    really equal what they alias."""
     state = dict(state)
-    for old, new in family.renames.items():
-        if old in state:
-            state[new] = state.pop(old)
     for key in family.ignored_keys:
         state.pop(key, None)
     target = family.tie_target
@@ -57,8 +56,10 @@ def canonical_state(family: FamilySpec, state: dict[str, torch.Tensor], where: P
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where) -> None:
-    """Strict load with an error that names every missing/unexpected key and every shape mismatch."""
-    expected = {k: v for k, v in model.state_dict().items() if k not in _tied_keys(model)}
+    """Strict load of weights in checkpoint names, with an error that names (in those names) every missing or
+    unexpected key and every shape mismatch."""
+    family = FAMILIES[model.config.family]
+    expected = {family.checkpoint_key(k): v for k, v in untied_state(model).items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -75,17 +76,26 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where) ->
         problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
     if problems:
         raise CheckpointError(f"{where}: weights do not match the config:\n  " + "\n  ".join(problems))
-    model.load_state_dict(state, strict=False)
+    # Every key is expected here, so the templates cover it.
+    model.load_state_dict({family.model_key(k): v for k, v in state.items()}, strict=False)
 
 
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys that alias an earlier parameter (tied heads)."""
-    seen, tied = {}, set()
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as its family's public checkpoints hold them: checkpoint names, one copy of each tied
+    tensor, the family's adaptations (T5: a pre-scaled untied head); what `save_pretrained` writes."""
+    config, family = model.config, FAMILIES[model.config.family]
+    state = {family.checkpoint_key(k): v.detach().contiguous().cpu() for k, v in untied_state(model).items()}
+    return family.adapt_saved_state(config, state)
+
+
+def untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict less the keys that alias an earlier parameter (tied heads)."""
+    seen, state = set(), {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            tied.add(name)
-        seen[id(tensor)] = name
-    return tied
+        if id(tensor) not in seen:
+            state[name] = tensor
+        seen.add(id(tensor))
+    return state
 
 
 def from_pretrained(path, compat: Optional[str] = None, **overrides):
@@ -131,13 +141,8 @@ def save_pretrained(model, path) -> None:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config, family = model.config, FAMILIES[model.config.family]
-    tied = _tied_keys(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
-    for old, new in family.renames.items():
-        state[old] = state.pop(new)
-    state = family.adapt_saved_state(config, state)
-    cfg = family.config_to_json(config)
+    state = checkpoint_state(model)
+    cfg = FAMILIES[model.config.family].config_to_json(model.config)
     _atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
 

@@ -1,7 +1,8 @@
 """RoFormerV2: char-level post-norm encoder with RoPE, no biases, parameter-free RMS norm, tied MLM head.
 
-Parameter names follow JunnYu's RoFormer_pytorch layout (`roformer.embeddings...`, `roformer.encoder.layer.N...`,
-`cls.predictions.decoder`), the PyTorch checkpoints users have.
+The model is `embeddings`, `layers[i]` (`attention.{query,key,value,output}`, `ffn_in`, `ffn_out`) and `mlm_head`
+(tied to the word embeddings). Checkpoints keep JunnYu's RoFormer_pytorch names (`roformer.encoder.layer.N...`,
+`cls.predictions.decoder`); roformer_layout.py maps between the two.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionMask, Rotary, attention
+from ..attention import AttentionMask, KVCache, Rotary, attention
+from ..generation import search
 from ..padding import IGNORE_INDEX
 from .outputs import ModelOutput
 
@@ -55,32 +57,22 @@ ROFORMER_PRESETS = {
 }
 
 
-class RoFormerSelfAttention(nn.Module):
+class RoFormerAttention(nn.Module):
+    """Multi-head self-attention with RoPE: query/key/value projections, then the output projection."""
+
     def __init__(self, config: RoFormerV2Config):
         super().__init__()
         self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-
-
-class RoFormerSelfOutput(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-
-
-class RoFormerAttention(nn.Module):
-    def __init__(self, config: RoFormerV2Config):
-        super().__init__()
-        self.self = RoFormerSelfAttention(config)
-        self.output = RoFormerSelfOutput(config)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.config = config
         self.rotary = Rotary(config.rope_base)
 
     def forward(self, x, mask, cache=None, layer=0, query_offset=0):
         c = self.config
         split = lambda t: t.view(t.shape[0], t.shape[1], c.num_heads, c.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.self.query(x)), split(self.self.key(x)), split(self.self.value(x))
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         if cache is not None:
             k, v = cache.extend(layer, k, v)
         out = attention(
@@ -88,19 +80,7 @@ class RoFormerAttention(nn.Module):
             dropout_p=c.attention_dropout if self.training else 0.0, query_offset=query_offset,
             logn_base=c.logn_base, backend=c.attention_backend,
         )
-        return self.output.dense(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
-
-
-class RoFormerIntermediate(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-
-
-class RoFormerOutput(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        return self.output(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 class RoFormerLayer(nn.Module):
@@ -109,14 +89,14 @@ class RoFormerLayer(nn.Module):
     def __init__(self, config: RoFormerV2Config):
         super().__init__()
         self.attention = RoFormerAttention(config)
-        self.intermediate = RoFormerIntermediate(config)
-        self.output = RoFormerOutput(config)
+        self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps, elementwise_affine=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, mask, **kw):
         x = self.norm(x + self.dropout(self.attention(x, mask, **kw)))
-        return self.norm(x + self.dropout(self.output.dense(F.relu(self.intermediate.dense(x)))))
+        return self.norm(x + self.dropout(self.ffn_out(F.relu(self.ffn_in(x)))))
 
 
 class RoFormerEmbeddings(nn.Module):
@@ -134,31 +114,6 @@ class RoFormerEmbeddings(nn.Module):
         return self.norm(self.dropout(words + self.token_type_embeddings(token_type_ids)))
 
 
-class RoFormerEncoder(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.layer = nn.ModuleList([RoFormerLayer(config) for _ in range(config.num_layers)])
-
-
-class RoFormerV2Model(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.embeddings = RoFormerEmbeddings(config)
-        self.encoder = RoFormerEncoder(config)
-
-
-class RoFormerMLMHead(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-
-class RoFormerClassifierHeads(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.predictions = RoFormerMLMHead(config)
-
-
 def roformer_v2_init_std(keras_shape: tuple[int, int], num_layers: int) -> float:
     """bert4keras RoFormerV2.initializer: std of the un-truncated normal for a Keras kernel of shape (in, out)."""
     fan = keras_shape[1] if (keras_shape[0] > 10000 or keras_shape[0] < 10) else keras_shape[0]
@@ -169,22 +124,24 @@ class RoFormerV2ForMaskedLM(nn.Module):
     def __init__(self, config: RoFormerV2Config):
         super().__init__()
         self.config = config
-        self.roformer = RoFormerV2Model(config)
-        self.cls = RoFormerClassifierHeads(config)
-        self.cls.predictions.decoder.weight = self.roformer.embeddings.word_embeddings.weight
+        self.embeddings = RoFormerEmbeddings(config)
+        self.layers = nn.ModuleList([RoFormerLayer(config) for _ in range(config.num_layers)])
         self.head_dropout = nn.Dropout(config.dropout)
+        self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mlm_head.weight = self.embeddings.word_embeddings.weight
         self.init_weights()
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The token embedding (transformers' accessor; the MLM head is tied to it)."""
-        return self.roformer.embeddings.word_embeddings
+        return self.embeddings.word_embeddings
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Every kernel ~ TruncatedNormal(0, std) cut at +-2 std, std = 1.1368/sqrt(fan_in * layers): the truncated
         normal's variance is 1/(fan_in * layers). Embeddings use the hidden size as fan (bert4keras' shape rule)."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.cls.predictions.decoder:
+            # The tied head is the word embedding, initialised by the embedding's shape rule.
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.mlm_head:
                 w = module.weight
                 keras_shape = (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else tuple(w.shape)
                 std = roformer_v2_init_std(keras_shape, self.config.num_layers)
@@ -209,15 +166,15 @@ class RoFormerV2ForMaskedLM(nn.Module):
             key_padding=None if cache is not None and attention_mask is None else key_padding,
             segment_ids=token_type_ids if unilm else None,
         )
-        x = self.roformer.embeddings(input_ids, new_types, inputs_embeds)
-        for i, layer in enumerate(self.roformer.encoder.layer):
+        x = self.embeddings(input_ids, new_types, inputs_embeds)
+        for i, layer in enumerate(self.layers):
             x = layer(x, mask, cache=cache, layer=i, query_offset=offset)
         return x
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, unilm=False):
         """Masks default to `ids != pad`; `labels` -100 are ignored (MLM targets, or shifted UniLM targets)."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids, unilm=unilm)
-        logits = self.cls.predictions.decoder(self.head_dropout(hidden))
+        logits = self.mlm_head(self.head_dropout(hidden))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -228,7 +185,41 @@ class RoFormerV2ForMaskedLM(nn.Module):
 
         save_pretrained(self, path, **kwargs)
 
-    def generate(self, input_ids, token_type_ids=None, **kwargs) -> torch.Tensor:
-        from ..generation import generate_unilm
+    def generate(self, input_ids, token_type_ids=None, attention_mask=None, *, eos_token_id=102, **options):
+        """UniLM generation: `input_ids` is `[CLS] source [SEP]` (left-padded in a batch); returns target ids [B, T]
+        ending with `eos_token_id` ([SEP]). Options as in `generation.search`."""
+        ends_padded = (~attention_mask.bool()[:, -1] if attention_mask is not None
+                       else input_ids[:, -1] == self.config.pad_token_id)
+        if bool(ends_padded.any()):
+            raise ValueError("UniLM generation continues each source at its end: left-pad the batch, "
+                             "or pass one source")
+        return search(self, lambda copies: UniLMStepper(self, input_ids, token_type_ids, attention_mask, copies),
+                      input_ids, eos=eos_token_id, **options)
 
-        return generate_unilm(self, input_ids, token_type_ids=token_type_ids, **kwargs)
+
+class UniLMStepper:
+    """The source (segment 0) in one pass, then target tokens (segment 1) one at a time; RoPE positions and the
+    UniLM mask continue across the cache exactly as bert4keras' re-encoding of source + output does."""
+
+    def __init__(self, model: RoFormerV2ForMaskedLM, input_ids, token_type_ids, attention_mask, copies: int):
+        self.model = model
+        self.source = input_ids.repeat_interleave(copies, dim=0)
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        self.types = types.repeat_interleave(copies, dim=0)
+        pad = (input_ids != model.config.pad_token_id) if attention_mask is None else attention_mask.bool()
+        self.padding = pad.repeat_interleave(copies, dim=0)
+        self.cache = KVCache(model.config.num_layers)
+
+    def __call__(self, tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        if tokens is None:
+            ids = self.source
+        else:
+            ids = tokens
+            self.types = torch.cat([self.types, torch.ones_like(tokens)], dim=1)
+            self.padding = torch.cat([self.padding, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+        hidden = self.model.encode(ids, self.padding, self.types, cache=self.cache, unilm=True)
+        return self.model.mlm_head(hidden[:, -1]).float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.types, self.padding = self.types[rows], self.padding[rows]
+        self.cache.reorder(rows)

@@ -1,5 +1,5 @@
-"""RoFormerV2 in JunnYu's transformers layout (roformer_v2_chinese_char_*): config.json both ways, the MLM head
-tied to the word embeddings, and the position tables transformers keeps but RoPE computes."""
+"""RoFormerV2 in JunnYu's transformers layout (roformer_v2_chinese_char_*): its key names onto the model's, config.json
+both ways, the MLM head tied to the word embeddings, and the position tables transformers keeps but RoPE computes."""
 from __future__ import annotations
 
 from typing import Optional
@@ -43,10 +43,21 @@ def config_to_json(c: RoFormerV2Config) -> dict:
     }
 
 
+# JunnYu's names -> ours; "{}" is the layer number.
+KEY_TEMPLATES = {
+    "roformer.embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
+    "roformer.embeddings.token_type_embeddings.weight": "embeddings.token_type_embeddings.weight",
+    **{f"roformer.encoder.layer.{{}}.attention.self.{name}.weight": f"layers.{{}}.attention.{name}.weight"
+       for name in ("query", "key", "value")},
+    "roformer.encoder.layer.{}.attention.output.dense.weight": "layers.{}.attention.output.weight",
+    "roformer.encoder.layer.{}.intermediate.dense.weight": "layers.{}.ffn_in.weight",
+    "roformer.encoder.layer.{}.output.dense.weight": "layers.{}.ffn_out.weight",
+}
+
 SPEC = register_family(FamilySpec(
     name="roformer_v2", config_cls=RoFormerV2Config, model_cls=RoFormerV2ForMaskedLM, presets=ROFORMER_PRESETS,
     model_types=("roformer",), lora_targets=("query", "key", "value"),
-    config_from_json=config_from_json, config_to_json=config_to_json,
+    config_from_json=config_from_json, config_to_json=config_to_json, key_templates=KEY_TEMPLATES,
     ignored_keys=("roformer.encoder.embed_positions.weight", "roformer.embeddings.position_ids"),
     tied_aliases=("cls.predictions.decoder.weight",), tie_target="roformer.embeddings.word_embeddings.weight",
 ))

@@ -1,8 +1,9 @@
 """T5 PEGASUS: the mT5 (T5.1.1) encoder-decoder as trained in bert4keras, or exactly as transformers' MT5.
 
-Parameter names follow transformers' MT5ForConditionalGeneration (`shared`, `encoder.block.N.layer.M...`,
-`lm_head`): they are the public interface of the checkpoints. The one difference is that each stack owns its
-relative-position table (`encoder.relative_attention_bias`), which checkpoints store under block 0.
+The model is `shared` (embeddings), `encoder`/`decoder` stacks of `blocks[i]` (`self_attention`, decoder-only
+`cross_attention`, `feed_forward`, each with its pre-norm) owning their relative-position table, and `lm_head`.
+Checkpoints keep transformers' MT5ForConditionalGeneration names (`encoder.block.N.layer.M.SelfAttention...`, the
+bias table under block 0); t5_layout.py maps between the two.
 
 compat="bert4keras" (default) versus compat="hf" differ in exactly three points, each its own config field:
   gelu_approximate      "none" (exact erf GELU, bert4keras' 'gelu')  vs "tanh" (transformers' gated-gelu)
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionMask, KVCache, T5RelativeBias, attention
+from ..generation import search
 from ..padding import IGNORE_INDEX
 from .layers import T5GatedFFN
 from .outputs import ModelOutput
@@ -114,47 +116,31 @@ class T5Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
-class T5LayerSelfAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.SelfAttention = T5Attention(config)
-        self.layer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x, **kw):
-        return x + self.dropout(self.SelfAttention(self.layer_norm(x), **kw))
-
-
-class T5LayerCrossAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.EncDecAttention = T5Attention(config)
-        self.layer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x, context, **kw):
-        return x + self.dropout(self.EncDecAttention(self.layer_norm(x), context=context, **kw))
-
-
-class T5LayerFF(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.DenseReluDense = T5GatedFFN(config.d_model, config.d_ff, config.gelu_approximate, config.inner_dropout)
-        self.layer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
-
-
 class T5Block(nn.Module):
-    def __init__(self, config, is_decoder: bool):
+    """Pre-norm residual sublayers: self-attention, cross-attention over the encoder output (decoder only), and the
+    gated FFN; each adds Drop(sublayer(Norm(x))) to x."""
+
+    def __init__(self, config: T5PegasusConfig, is_decoder: bool):
         super().__init__()
-        layers = [T5LayerSelfAttention(config)]
+        norm = lambda: nn.RMSNorm(config.d_model, eps=config.norm_eps)  # noqa: E731
+        self.self_attention, self.self_attention_norm = T5Attention(config), norm()
         if is_decoder:
-            layers.append(T5LayerCrossAttention(config))
-        layers.append(T5LayerFF(config))
-        self.layer = nn.ModuleList(layers)
+            self.cross_attention, self.cross_attention_norm = T5Attention(config), norm()
+        self.feed_forward = T5GatedFFN(config.d_model, config.d_ff, config.gelu_approximate, config.inner_dropout)
+        self.feed_forward_norm = norm()
+        self.dropout = nn.Dropout(config.dropout)
+        self.is_decoder = is_decoder
+
+    def forward(self, x, *, position, mask, context=None, cross_position=None, cross_mask=None, cache=None, layer=0,
+                query_offset=0):
+        cached = dict(cache=cache, layer=layer, query_offset=query_offset)
+        x = x + self.dropout(self.self_attention(self.self_attention_norm(x), position=position, mask=mask, **cached))
+        if self.is_decoder:
+            attended = self.cross_attention(
+                self.cross_attention_norm(x), context=context, position=cross_position, mask=cross_mask, **cached
+            )
+            x = x + self.dropout(attended)
+        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
 class T5Stack(nn.Module):
@@ -165,8 +151,8 @@ class T5Stack(nn.Module):
         self.config, self.is_decoder = config, is_decoder
         num_layers = config.num_decoder_layers if is_decoder else config.num_encoder_layers
         self.relative_attention_bias = nn.Embedding(config.num_buckets, config.num_heads)
-        self.block = nn.ModuleList([T5Block(config, is_decoder) for _ in range(num_layers)])
-        self.final_layer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.blocks = nn.ModuleList([T5Block(config, is_decoder) for _ in range(num_layers)])
+        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, embeddings, padding_mask=None, context=None, context_mask=None, cache=None):
@@ -179,14 +165,10 @@ class T5Stack(nn.Module):
         cross_mask = AttentionMask(key_padding=context_mask)
         cross_bias = bias if self.config.cross_attention_bias else None
         x = self.dropout(embeddings)
-        for i, block in enumerate(self.block):
-            x = block.layer[0](x, position=bias, mask=self_mask, cache=cache, layer=i, query_offset=offset)
-            if self.is_decoder:
-                x = block.layer[1](
-                    x, context, position=cross_bias, mask=cross_mask, cache=cache, layer=i, query_offset=offset
-                )
-            x = block.layer[-1](x)
-        return self.dropout(self.final_layer_norm(x))
+        for i, block in enumerate(self.blocks):
+            x = block(x, position=bias, mask=self_mask, context=context, cross_position=cross_bias,
+                      cross_mask=cross_mask, cache=cache, layer=i, query_offset=offset)
+        return self.dropout(self.final_norm(x))
 
 
 class T5PegasusForConditionalGeneration(nn.Module):
@@ -293,7 +275,30 @@ class T5PegasusForConditionalGeneration(nn.Module):
 
         save_pretrained(self, path, **kwargs)
 
-    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-        from ..generation import generate_seq2seq
+    def generate(self, input_ids, attention_mask=None, **options) -> torch.Tensor:
+        """Generated ids [B, T] after the `[CLS]` start, ending with `[SEP]`, right-padded with [PAD]. Options as in
+        `generation.search`."""
+        return search(self, lambda copies: T5Stepper(self, input_ids, attention_mask, copies), input_ids,
+                      eos=self.config.eos_token_id, **options)
 
-        return generate_seq2seq(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+class T5Stepper:
+    """Encoder once, then the decoder one token at a time from `[CLS]`."""
+
+    def __init__(self, model: T5PegasusForConditionalGeneration, input_ids, attention_mask, copies: int):
+        mask = model.padding_mask(input_ids) if attention_mask is None else attention_mask.bool()
+        encoded = model.encode(input_ids, mask)
+        self.model = model
+        self.encoded = encoded.repeat_interleave(copies, dim=0)
+        self.mask = mask.repeat_interleave(copies, dim=0)
+        self.cache = KVCache(model.config.num_decoder_layers)
+        start = model.config.decoder_start_token_id
+        self.start = torch.full((self.encoded.shape[0], 1), start, device=input_ids.device)
+
+    def __call__(self, tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        tokens = self.start if tokens is None else tokens
+        return self.model.decode(tokens, self.encoded, self.mask, cache=self.cache)[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.encoded, self.mask = self.encoded[rows], self.mask[rows]
+        self.cache.reorder(rows)

@@ -1,6 +1,6 @@
-"""T5 PEGASUS in transformers' MT5 layout (the public port's checkpoints): config.json both ways, the bias table
-kept under block 0, the tied embeddings, and an untied head stored pre-scaled when the model scales its decoder
-output (so transformers computes the same logits)."""
+"""T5 PEGASUS in transformers' MT5 layout (the public port's checkpoints): its key names onto the model's,
+config.json both ways, the bias table kept under block 0, the tied embeddings, and an untied head stored pre-scaled
+when the model scales its decoder output (so transformers computes the same logits)."""
 from __future__ import annotations
 
 import math
@@ -78,13 +78,30 @@ def _saved_state(config: T5PegasusConfig, state: dict) -> dict:
     return state
 
 
+def _key_templates() -> dict[str, str]:
+    """transformers' MT5 names -> ours; "{}" is the block number. Stacks own their bias table, which checkpoints keep
+    under block 0 (transformers / mesh-TF naming)."""
+    templates = {"shared.weight": "shared.weight", "lm_head.weight": "lm_head.weight"}
+    for stack in ("encoder", "decoder"):
+        templates[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
+            f"{stack}.relative_attention_bias.weight"
+        templates[f"{stack}.final_layer_norm.weight"] = f"{stack}.final_norm.weight"
+        sublayers = [("SelfAttention", "self_attention", ("q", "k", "v", "o"))]
+        if stack == "decoder":
+            sublayers.append(("EncDecAttention", "cross_attention", ("q", "k", "v", "o")))
+        sublayers.append(("DenseReluDense", "feed_forward", ("wi_0", "wi_1", "wo")))
+        for index, (theirs, ours, weights) in enumerate(sublayers):
+            layer, block = f"{stack}.block.{{}}.layer.{index}", f"{stack}.blocks.{{}}"
+            templates[f"{layer}.layer_norm.weight"] = f"{block}.{ours}_norm.weight"
+            templates.update({f"{layer}.{theirs}.{w}.weight": f"{block}.{ours}.{w}.weight" for w in weights})
+    return templates
+
+
 SPEC = register_family(FamilySpec(
     name="t5_pegasus", config_cls=T5PegasusConfig, model_cls=T5PegasusForConditionalGeneration, presets=T5_PRESETS,
     model_types=("mt5", "t5"), lora_targets=("q", "v"),
     config_from_json=config_from_json, config_to_json=config_to_json,
-    # Stacks own their bias table; checkpoints keep it under block 0 (transformers / mesh-TF naming).
-    renames={f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-             f"{stack}.relative_attention_bias.weight" for stack in ("encoder", "decoder")},
+    key_templates=_key_templates(),
     tied_aliases=("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"), tie_target="shared.weight",
     adapt_saved_state=_saved_state,
 ))

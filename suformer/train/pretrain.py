@@ -22,6 +22,7 @@ from ..config import RESUBMIT_MUTABLE, PretrainConfig
 from ..data.corpus import DataError, preflight
 from ..data.dataset import READY, ensure_vocab, prepare_shards, shard_rows
 from ..data.objectives import OBJECTIVES
+from ..models.checkpoints import untied_state
 from ..padding import IGNORE_INDEX
 from ..ray_connect import connect_or_start
 from ..storage import Location
@@ -54,7 +55,7 @@ def _export(checkpoint, cfg: PretrainConfig, vocab_size: int, out_dir: Path) -> 
     # weights the checkpoint's then replace.
     model = pretraining_model(cfg, vocab_size)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    tied = {"lm_head.weight", "cls.predictions.decoder.weight"}
+    tied = set(model.state_dict()) - set(untied_state(model))  # the checkpoint may hold one copy only
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     model.save_pretrained(out_dir)

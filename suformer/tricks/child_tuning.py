@@ -36,7 +36,7 @@ class ChildTuningD:
 
     @classmethod
     def from_fisher(cls, model: torch.nn.Module, batch_losses: Callable[[], Iterable[torch.Tensor]],
-                    reserve_p: float, selects: Callable[[str], bool] = lambda name: "layer" in name or "block" in name,
+                    reserve_p: float, selects: Callable[[str], bool] = lambda n: "layers." in n or "blocks." in n,
                     max_grad_norm: float = 1.0) -> "ChildTuningD":
         """Fisher information from `batch_losses()` (the training set's per-batch losses, log-likelihoods of the
         true labels); each parameter's gradient is clipped to `max_grad_norm` first, as the official code."""

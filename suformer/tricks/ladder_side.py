@@ -52,9 +52,9 @@ class LadderSideClassifier(nn.Module):
         """The expert's embedding output, then every layer's output (no graph: nothing flows back)."""
         self.expert.eval()  # frozen: no dropout either
         mask = AttentionMask(key_padding=key_padding)
-        x = self.expert.roformer.embeddings(input_ids, torch.zeros_like(input_ids))
+        x = self.expert.embeddings(input_ids, torch.zeros_like(input_ids))
         states = [x]
-        for i, layer in enumerate(self.expert.roformer.encoder.layer):
+        for i, layer in enumerate(self.expert.layers):
             x = layer(x, mask, layer=i)
             states.append(x)
         return states

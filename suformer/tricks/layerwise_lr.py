@@ -1,6 +1,6 @@
 """Layer-wise learning-rate decay: the top block trains at the base rate, each block below at `decay` times the one
 above, the embeddings below the lowest block; task heads keep the base rate. Works on any model whose block
-parameters are named `...layer.<i>.` (RoFormerV2) or `...block.<i>.` (T5, each stack on its own)."""
+parameters are named `...layers.<i>.` (RoFormerV2) or `...blocks.<i>.` (T5, each stack on its own)."""
 from __future__ import annotations
 
 import re
@@ -9,7 +9,7 @@ import torch
 
 from .base import Trick, register_trick
 
-_BLOCK = re.compile(r"(?:^|\.)(?:layer|block)\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")
 
 
 def layerwise_lr_groups(model: torch.nn.Module, lr: float, decay: float, weight_decay: float = 0.0) -> list[dict]:

@@ -49,7 +49,7 @@ class PTuningClassifier(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None) -> ModelOutput:
         ids = self.templated(input_ids)
         hidden = self.mlm.encode(ids, ids != self.mlm.config.pad_token_id)
-        vocab_logits = self.mlm.cls.predictions.decoder(self.mlm.head_dropout(hidden[:, MASK_POSITION]))
+        vocab_logits = self.mlm.mlm_head(self.mlm.head_dropout(hidden[:, MASK_POSITION]))
         logits = vocab_logits[:, self.label_word_ids]
         loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)
