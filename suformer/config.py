@@ -33,8 +33,8 @@ def _registered_family(name: str) -> str:
 
     if name not in FAMILIES:
         names = [repr(family) for family in FAMILIES]
-        raise PydanticCustomError("literal_error", "Input should be {expected}",
-                                  {"expected": " or ".join([", ".join(names[:-1]), names[-1]] if names[:-1] else names)})
+        expected = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"  # pydantic's wording
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
     return name
 
 
@@ -165,8 +165,9 @@ class RunSection(_Strict):
         if os.environ.get("MLFLOW_TRACKING_URI"):
             uri = os.environ["MLFLOW_TRACKING_URI"]
         elif "://" in self.root:
-            raise ValueError(f"run.root={self.root!r} is on object storage, where MLflow cannot keep its database: "
-                             "set run.tracking_uri (an MLflow server, or sqlite:///<local path>) or MLFLOW_TRACKING_URI")
+            raise ValueError(f"run.root={self.root!r} is on object storage, where MLflow cannot keep its "
+                             "database: set run.tracking_uri (an MLflow server, or sqlite:///<local path>) or "
+                             "MLFLOW_TRACKING_URI")
         else:
             uri = f"sqlite:///{Location.of(self.root).path}/mlflow.db"
         self.__dict__["tracking_uri"] = uri  # not through validate_assignment, which would run this again

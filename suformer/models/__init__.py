@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..attention import AttentionMask, Rotary, T5RelativeBias, attention, available_backends, register_backend
-from . import t5_layout, roformer_layout  # noqa: F401, I001  (each registers its family; this order is the configs' error text)
+# Each registers its family; in this order, which the configs' error messages list.
+from . import t5_layout, roformer_layout  # noqa: F401, I001
 from .checkpoints import from_pretrained, save_pretrained
 from .registry import FAMILIES, CheckpointError
 from .roformer import RoFormerV2Config, RoFormerV2ForMaskedLM
