@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from .storage import Location
+from .tricks import TRICKS, settings_fields
 
 
 class ConfigError(ValueError):
@@ -278,34 +280,9 @@ class FinetuneDataSection(_Strict):
         return task
 
 
-class TricksSection(_Strict):
-    """Every trick off by default; tricks.md gives the defaults each paper or post used."""
-    adversarial: Literal["none", "fgm", "pgd", "gradient_penalty"] = "none"
-    adversarial_epsilon: float = Field(1.0, gt=0)  # bert4torch 1.0 (bert4keras' IFLYTEK example: FGM 0.5)
-    pgd_alpha: float = Field(0.3, gt=0)
-    pgd_steps: int = Field(3, ge=1)
-    rdrop_alpha: float = Field(0.0, ge=0)  # 0 off; Su uses 4
-    child_tuning: Literal["none", "F", "D"] = "none"
-    child_tuning_p: float = Field(0.3, gt=0, le=1)
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # bert4keras 0.999
-    layerwise_lr_decay: Optional[float] = Field(None, gt=0, le=1)
-    lora_r: int = Field(0, ge=0)  # 0 off; PEFT's default 8
-    lora_alpha: int = Field(8, gt=0)
-    sparse_softmax_k: int = Field(0, ge=0)  # seq2seq: 0 off; bojone/SPACES uses 10 (fine-tuning only)
-    exposure_bias_replace: float = Field(0.0, ge=0, lt=1)  # seq2seq: 0 off; Su replaces 0.3 of half the samples
-    ptuning: Literal["none", "prompt", "full"] = "none"  # sentiment: Su's MLM template; "prompt" trains only it
-    prompt_tuning_tokens: int = Field(0, ge=0)  # sentiment: 0 off; a PEFT soft prompt of that many vectors
-    ladder_side_layers: int = Field(0, ge=0)  # sentiment: 0 off; Su's side network has 4 (hidden 128)
-    simcse: bool = False  # similarity: unsupervised SimCSE on the sentences instead of the labelled pair loss
-
-    @model_validator(mode="after")
-    def _compatible(self):
-        if self.lora_r and self.adversarial != "none":
-            raise ValueError(f"tricks.adversarial={self.adversarial} perturbs along the embedding gradient, which "
-                             "LoRA (tricks.lora_r) freezes: use one or the other")
-        if self.lora_r and self.child_tuning != "none":
-            raise ValueError("tricks.child_tuning masks full-model gradients; with LoRA only adapters train")
-        return self
+# Every trick off by default; each trick module declares its own keys (`Trick.Settings`), with the defaults each
+# paper or post used in its comments (tricks.md).
+TricksSection = create_model("TricksSection", __base__=_Strict, __module__=__name__, **settings_fields())
 
 
 class FinetuneTrainSection(_Strict):
@@ -341,7 +318,6 @@ class FinetuneConfig(_Job):
     @model_validator(mode="after")
     def _fits_task(self):
         from .tasks import TASKS
-        from .tricks import TRICKS
 
         task, spec = self.data.task, TASKS[self.data.task]
         if self.model.family != spec.family:

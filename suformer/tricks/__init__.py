@@ -6,6 +6,6 @@ through hooks and states which configs it cannot run with.
 """
 from . import (adversarial, child_tuning, ema, exposure_bias, ladder_side, layerwise_lr, lora,  # noqa: F401
                prompt_tuning, ptuning, rdrop, simcse, sparse_softmax)  # each module registers its trick
-from .base import TRICKS, Trick, active_tricks, register_trick
+from .base import TRICKS, Trick, active_tricks, register_trick, settings_fields
 
-__all__ = ["TRICKS", "Trick", "active_tricks", "register_trick"]
+__all__ = ["TRICKS", "Trick", "active_tricks", "register_trick", "settings_fields"]

@@ -14,9 +14,10 @@ No library implements these for text embeddings (torchattacks and advertorch att
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import Field
 
 from .base import Trick, register_trick
 
@@ -138,6 +139,13 @@ def gradient_penalty(loss: torch.Tensor, embedding: torch.Tensor, epsilon: float
 class Adversarial(Trick):
     """FGM, PGD or the gradient penalty on the task's token embedding (`tricks.adversarial`)."""
     name = "adversarial"
+    changes_pretrained_model = True
+
+    class Settings(Trick.Settings):
+        adversarial: Literal["none", "fgm", "pgd", "gradient_penalty"] = "none"
+        adversarial_epsilon: float = Field(1.0, gt=0)  # bert4torch 1.0 (bert4keras' IFLYTEK example: FGM 0.5)
+        pgd_alpha: float = Field(0.3, gt=0)
+        pgd_steps: int = Field(3, ge=1)
 
     @staticmethod
     def active(tricks):

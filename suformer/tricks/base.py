@@ -1,15 +1,18 @@
-"""What the fine-tuning loop asks of a trick: a name, when the config switches it on, which configs it cannot run
-with, and hooks at the points of the loop where tricks act. Every hook's default leaves the loop as it is, so a
+"""What the fine-tuning loop asks of a trick: a name, its settings, when they switch it on, which configs it cannot
+run with, and hooks at the points of the loop where tricks act. Every hook's default leaves the loop as it is, so a
 trick implements only its own; the loop calls the active tricks' hooks in registration order.
 
 A trick is one module: its tensor-level functions (tested alone against their definitions) and one `Trick`
-subclass registered with `@register_trick`, plus its import line in `suformer/tricks/__init__.py`.
+subclass registered with `@register_trick`, plus its import line in `suformer/tricks/__init__.py`. The config's
+`tricks` section is the union of the registered tricks' `Settings` (`settings_fields`), so a trick's keys live
+with it.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
+from pydantic import BaseModel
 
 LossClosure = Callable[[], torch.Tensor]  # recomputes the batch's loss (adversarial tricks call it twice)
 
@@ -25,6 +28,15 @@ def register_trick(cls):
 
 class Trick:
     name = ""
+    # Whether it trains, perturbs or replaces the pretrained model, which the tricks that freeze it cannot run beside.
+    changes_pretrained_model = False
+
+    class Settings(BaseModel):
+        """The trick's keys in the config's `tricks` section, each defaulting to off; the first switches it on."""
+
+    @classmethod
+    def switch(cls) -> str:
+        return next(iter(cls.Settings.model_fields))
 
     def __init__(self, cfg):
         self.cfg, self.settings = cfg, cfg.tricks  # the FinetuneConfig and its `tricks` section
@@ -86,6 +98,17 @@ class Trick:
         return model
 
 
+def settings_fields() -> dict:
+    """Every registered trick's settings as pydantic field definitions, for the config's `tricks` section."""
+    fields = {}
+    for trick in TRICKS.values():
+        for key, field in trick.Settings.model_fields.items():
+            if key in fields:
+                raise ValueError(f"tricks.{key} is declared by two tricks (the second: {trick.name})")
+            fields[key] = (field.annotation, field)
+    return fields
+
+
 def active_tricks(cfg) -> list[Trick]:
     """The tricks `cfg.tricks` switches on, built for this run, in registration order."""
     return [trick(cfg) for trick in TRICKS.values() if trick.active(cfg.tricks)]
@@ -100,14 +123,11 @@ def check_frozen_model_trick(cfg, task, key: str, name: str) -> None:
     """The rules of a trick that freezes the whole pretrained model and trains a small part beside it."""
     from ..tasks.classification import ClassificationTask
 
-    tricks = cfg.tricks
     if not issubclass(task, ClassificationTask):
         raise ValueError(f"tricks.{key}: {name} is built for the classification tasks (data.task=sentiment "
                          "or classification)")
-    clash = [k for k, on in (("adversarial", tricks.adversarial != "none"), ("lora_r", tricks.lora_r),
-                             ("ptuning", tricks.ptuning != "none"),
-                             ("ladder_side_layers", key != "ladder_side_layers" and tricks.ladder_side_layers))
-             if on]
+    clash = [trick.switch() for trick in TRICKS.values()
+             if trick.changes_pretrained_model and trick.switch() != key and trick.active(cfg.tricks)]
     if clash:
         raise ValueError(f"tricks.{key}: {name} freezes the whole pretrained model, so tricks.{clash[0]} "
                          "(which trains, perturbs or replaces it) cannot be combined with it")

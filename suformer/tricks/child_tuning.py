@@ -9,9 +9,10 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
+from pydantic import Field
 
 from .base import Trick, register_trick
 
@@ -71,6 +72,10 @@ class ChildTuningD:
 @register_trick
 class ChildTuning(Trick):
     name = "child_tuning"
+
+    class Settings(Trick.Settings):
+        child_tuning: Literal["none", "F", "D"] = "none"
+        child_tuning_p: float = Field(0.3, gt=0, le=1)
 
     @staticmethod
     def active(tricks):

@@ -3,7 +3,10 @@ Theta <- decay * Theta + (1 - decay) * theta after every optimizer step, Theta_0
 evaluate and save `ema.module`. bert4keras' default decay is 0.999."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from pydantic import Field
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .base import Trick, register_trick
@@ -21,6 +24,9 @@ def ema_model(model: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
 class EMA(Trick):
     """Evaluated and kept: the averaged weights (`tricks.ema_decay`)."""
     name = "ema"
+
+    class Settings(Trick.Settings):
+        ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # bert4keras 0.999
 
     @staticmethod
     def active(tricks):

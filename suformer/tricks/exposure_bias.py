@@ -5,6 +5,7 @@ from the same target sequence. The targets stay unchanged."""
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from ..padding import IGNORE_INDEX
 from .base import Trick, check_seq2seq, register_trick
@@ -31,6 +32,9 @@ def replace_decoder_inputs(decoder_input_ids: torch.Tensor, labels: torch.Tensor
 @register_trick
 class ExposureBias(Trick):
     name = "exposure_bias"
+
+    class Settings(Trick.Settings):
+        exposure_bias_replace: float = Field(0.0, ge=0, lt=1)  # 0 off; Su replaces 0.3 of half the samples
 
     @staticmethod
     def active(tricks):

@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..attention import AttentionMask
 from ..models.layers import at_least_fp32
@@ -74,6 +75,10 @@ class LadderSideClassifier(nn.Module):
 @register_trick
 class LadderSide(Trick):
     name = "ladder_side"
+    changes_pretrained_model = True
+
+    class Settings(Trick.Settings):
+        ladder_side_layers: int = Field(0, ge=0)  # 0 off; Su's side network has 4 (hidden 128)
 
     @staticmethod
     def active(tricks):

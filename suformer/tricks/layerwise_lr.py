@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import re
 
+from typing import Optional
+
 import torch
+from pydantic import Field
 
 from .base import Trick, register_trick
 
@@ -35,6 +38,9 @@ def layerwise_lr_groups(model: torch.nn.Module, lr: float, decay: float, weight_
 @register_trick
 class LayerwiseLR(Trick):
     name = "layerwise_lr"
+
+    class Settings(Trick.Settings):
+        layerwise_lr_decay: Optional[float] = Field(None, gt=0, le=1)
 
     @staticmethod
     def active(tricks):

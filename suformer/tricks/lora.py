@@ -5,6 +5,7 @@ projections (`lora_targets`)."""
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from ..models import FAMILIES
 from .base import Trick, register_trick
@@ -26,10 +27,24 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 @register_trick
 class LoRA(Trick):
     name = "lora"
+    changes_pretrained_model = True
+
+    class Settings(Trick.Settings):
+        lora_r: int = Field(0, ge=0)  # 0 off; PEFT's default 8
+        lora_alpha: int = Field(8, gt=0)
 
     @staticmethod
     def active(tricks):
         return tricks.lora_r > 0
+
+    @staticmethod
+    def check(cfg, task):
+        tricks = cfg.tricks
+        if tricks.adversarial != "none":
+            raise ValueError(f"tricks.adversarial={tricks.adversarial} perturbs along the embedding gradient, which "
+                             "LoRA (tricks.lora_r) freezes: use one or the other")
+        if tricks.child_tuning != "none":
+            raise ValueError("tricks.child_tuning masks full-model gradients; with LoRA only adapters train")
 
     def wrap_model(self, model, task):
         return apply_lora(model, self.cfg.model.family, r=self.settings.lora_r, alpha=self.settings.lora_alpha,

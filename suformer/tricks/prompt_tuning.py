@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..models.layers import at_least_fp32
 from ..models.outputs import ModelOutput
@@ -76,6 +77,9 @@ def apply_prompt_tuning(classifier: SequenceClassifier, num_virtual_tokens: int)
 @register_trick
 class PromptTuning(Trick):
     name = "prompt_tuning"
+
+    class Settings(Trick.Settings):
+        prompt_tuning_tokens: int = Field(0, ge=0)  # 0 off; a PEFT soft prompt of that many vectors
 
     @staticmethod
     def active(tricks):

@@ -9,6 +9,8 @@ rows. Su's lr is 6e-4. PEFT's P-tuning prepends encoder-produced virtual tokens 
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,6 +60,10 @@ class PTuningClassifier(nn.Module):
 @register_trick
 class PTuning(Trick):
     name = "ptuning"
+    changes_pretrained_model = True
+
+    class Settings(Trick.Settings):
+        ptuning: Literal["none", "prompt", "full"] = "none"  # Su's MLM template; "prompt" trains only it
 
     @staticmethod
     def active(tricks):

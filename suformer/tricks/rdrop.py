@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..models.layers import at_least_fp32
 from ..padding import IGNORE_INDEX
@@ -31,6 +32,9 @@ def rdrop_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 4.0, i
 @register_trick
 class RDrop(Trick):
     name = "rdrop"
+
+    class Settings(Trick.Settings):
+        rdrop_alpha: float = Field(0.0, ge=0)  # 0 off; Su uses 4
 
     @staticmethod
     def active(tricks):

@@ -24,6 +24,9 @@ def simcse_loss(embeddings: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
 class SimCSE(Trick):
     name = "simcse"
 
+    class Settings(Trick.Settings):
+        simcse: bool = False  # unsupervised SimCSE on the sentences instead of the labelled pair loss
+
     @staticmethod
     def active(tricks):
         return tricks.simcse

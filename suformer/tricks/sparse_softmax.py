@@ -4,6 +4,7 @@ get no gradient: for fine-tuning, not for training from scratch. bojone/SPACES u
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from ..models.layers import at_least_fp32
 from ..padding import IGNORE_INDEX
@@ -23,6 +24,9 @@ def sparse_softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, k: 
 @register_trick
 class SparseSoftmax(Trick):
     name = "sparse_softmax"
+
+    class Settings(Trick.Settings):
+        sparse_softmax_k: int = Field(0, ge=0)  # 0 off; bojone/SPACES uses 10 (fine-tuning only)
 
     @staticmethod
     def active(tricks):
