@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
 
 def _from_mt5(args):
-    from suformer.models.mt5_transplant import convert_mt5
+    from suformer.models.t5_pegasus.mt5_transplant import convert_mt5
 
     vocab = Path(args.vocab)
     if not vocab.is_file():

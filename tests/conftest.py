@@ -71,7 +71,7 @@ def tokenizer(vocab_file):
     return Tokenizer(vocab_file, pre_tokenize="jieba")
 
 
-# Tokens that take each branch of the mT5 transplant's lookup (suformer/models/mt5_transplant.py) besides the
+# Tokens that take each branch of the mT5 transplant's lookup (suformer/models/t5_pegasus/mt5_transplant.py) besides the
 # many plain words: `##年` finds `年`; `##喵喵` finds only `▁##喵喵` (the published quirk: a user symbol of the
 # test's sentencepiece model); `新华社记者` finds `▁新华社记者`; `##中国人民` finds nothing, so it becomes a
 # compound token whose pieces include unknown `#`s.

@@ -7,7 +7,7 @@ import torch
 
 from suformer.models import CheckpointError, build_model, from_pretrained
 from suformer.models.checkpoints import checkpoint_state
-from suformer.models.roformer import roformer_v2_init_std
+from suformer.models.roformer_v2 import roformer_v2_init_std
 
 from numerics import rel_err
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from ..attention import AttentionMask, Rotary, T5RelativeBias, attention, available_backends, register_backend
-# Each registers its family; in this order, which the configs' error messages list.
-from . import t5_layout, roformer_layout  # noqa: F401, I001
+# Each family package registers itself; in this order, which the configs' error messages list.
+from . import t5_pegasus, roformer_v2  # noqa: F401, I001
 from .checkpoints import from_pretrained, save_pretrained
 from .registry import FAMILIES, CheckpointError
-from .roformer import RoFormerV2Config, RoFormerV2ForMaskedLM
-from .t5 import T5PegasusConfig, T5PegasusForConditionalGeneration
+from .roformer_v2 import RoFormerV2Config, RoFormerV2ForMaskedLM
+from .t5_pegasus import T5PegasusConfig, T5PegasusForConditionalGeneration
 
 
 def build_model(family: str, preset: str = "base", **overrides):

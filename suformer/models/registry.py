@@ -1,8 +1,8 @@
 """One spec per model family: its config and model classes, presets, and the adapter to the transformers layout its
 checkpoints are read and written in: a template map between checkpoint keys and the model's own parameter names,
-tied aliases, ignored keys, config.json both ways. `checkpoints.py` is generic over these specs; each family's
-module registers its own (`t5.py`, `roformer.py` via their `*_layout.py`), so adding a family is its model, its
-layout module and one import in `models/__init__.py`."""
+tied aliases, ignored keys, config.json both ways. `checkpoints.py` is generic over these specs; each family is a
+package (`t5_pegasus/`, `roformer_v2/`) whose `layout.py` registers its spec, so adding a family is its package and
+one import in `models/__init__.py`."""
 from __future__ import annotations
 
 import re

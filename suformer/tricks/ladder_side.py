@@ -18,7 +18,7 @@ from pydantic import Field
 from ..attention import AttentionMask
 from ..models.layers import at_least_fp32
 from ..models.outputs import ModelOutput
-from ..models.roformer import RoFormerLayer
+from ..models.roformer_v2 import RoFormerLayer
 from .base import Trick, check_frozen_model_trick, register_trick
 
 

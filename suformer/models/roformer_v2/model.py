@@ -2,7 +2,7 @@
 
 The model is `embeddings`, `layers[i]` (`attention.{query,key,value,output}`, `ffn_in`, `ffn_out`) and `mlm_head`
 (tied to the word embeddings). Checkpoints keep JunnYu's RoFormer_pytorch names (`roformer.encoder.layer.N...`,
-`cls.predictions.decoder`); roformer_layout.py maps between the two.
+`cls.predictions.decoder`); layout.py maps between the two.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionMask, KVCache, Rotary, attention
-from ..generation import search
-from ..padding import IGNORE_INDEX
-from .outputs import ModelOutput
+from ...attention import AttentionMask, KVCache, Rotary, attention
+from ...generation import search
+from ...padding import IGNORE_INDEX
+from ..outputs import ModelOutput
 
 
 @dataclass
@@ -181,7 +181,7 @@ class RoFormerV2ForMaskedLM(nn.Module):
         return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     def save_pretrained(self, path, **kwargs) -> None:
-        from .checkpoints import save_pretrained
+        from ..checkpoints import save_pretrained
 
         save_pretrained(self, path, **kwargs)
 

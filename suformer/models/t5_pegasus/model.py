@@ -3,7 +3,7 @@
 The model is `shared` (embeddings), `encoder`/`decoder` stacks of `blocks[i]` (`self_attention`, decoder-only
 `cross_attention`, `feed_forward`, each with its pre-norm) owning their relative-position table, and `lm_head`.
 Checkpoints keep transformers' MT5ForConditionalGeneration names (`encoder.block.N.layer.M.SelfAttention...`, the
-bias table under block 0); t5_layout.py maps between the two.
+bias table under block 0); layout.py maps between the two.
 
 compat="bert4keras" (default) versus compat="hf" differ in exactly three points, each its own config field:
   gelu_approximate      "none" (exact erf GELU, bert4keras' 'gelu')  vs "tanh" (transformers' gated-gelu)
@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionMask, KVCache, T5RelativeBias, attention
-from ..generation import search
-from ..padding import IGNORE_INDEX
-from .layers import T5GatedFFN
-from .outputs import ModelOutput
+from ...attention import AttentionMask, KVCache, T5RelativeBias, attention
+from ...generation import search
+from ...padding import IGNORE_INDEX
+from ..outputs import ModelOutput
 
 COMPAT_MODES = ("bert4keras", "hf")
 
@@ -114,6 +113,25 @@ class T5Attention(nn.Module):
             dropout_p=self.dropout_p if self.training else 0.0, query_offset=query_offset, backend=self.backend,
         )
         return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class T5GatedFFN(nn.Module):
+    """T5.1.1 feed-forward: (act(x W_i0) * (x W_i1)) W_o, no biases.
+
+    `inner_dropout` is transformers' extra dropout after the gate (bert4keras has none).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, gelu_approximate: str, inner_dropout: float):
+        super().__init__()
+        self.wi_0 = nn.Linear(d_model, d_ff, bias=False)
+        self.wi_1 = nn.Linear(d_model, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, d_model, bias=False)
+        self.gelu_approximate = gelu_approximate
+        self.dropout = nn.Dropout(inner_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = F.gelu(self.wi_0(x), approximate=self.gelu_approximate)
+        return self.wo(self.dropout(gate * self.wi_1(x)))
 
 
 class T5Block(nn.Module):
@@ -271,7 +289,7 @@ class T5PegasusForConditionalGeneration(nn.Module):
         return shifted
 
     def save_pretrained(self, path, **kwargs) -> None:
-        from .checkpoints import save_pretrained
+        from ..checkpoints import save_pretrained
 
         save_pretrained(self, path, **kwargs)
 

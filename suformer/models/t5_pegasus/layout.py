@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from .registry import CheckpointError, FamilySpec, register_family
-from .t5 import T5_PRESETS, T5PegasusConfig, T5PegasusForConditionalGeneration
+from ..registry import CheckpointError, FamilySpec, register_family
+from .model import T5_PRESETS, T5PegasusConfig, T5PegasusForConditionalGeneration
 
 
 def config_fields_from_json(cfg: dict, compat: Optional[str], tied: bool, overrides: dict) -> T5PegasusConfig:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .registry import CheckpointError, FamilySpec, register_family
-from .roformer import ROFORMER_PRESETS, RoFormerV2Config, RoFormerV2ForMaskedLM
+from ..registry import CheckpointError, FamilySpec, register_family
+from .model import ROFORMER_PRESETS, RoFormerV2Config, RoFormerV2ForMaskedLM
 
 
 def config_from_json(cfg: dict, state: dict, compat: Optional[str], overrides: dict) -> RoFormerV2Config:

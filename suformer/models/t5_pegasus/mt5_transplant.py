@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..tokenizer import SPECIAL_TOKENS, load_vocab
-from .checkpoints import _read_weights, canonical_state, load_state
-from .registry import CheckpointError
-from .t5 import T5PegasusForConditionalGeneration
-from .t5_layout import SPEC as T5_SPEC, config_fields_from_json
+from ...tokenizer import SPECIAL_TOKENS, load_vocab
+from ..checkpoints import _read_weights, canonical_state, load_state
+from ..registry import CheckpointError
+from .model import T5PegasusForConditionalGeneration
+from .layout import SPEC as T5_SPEC, config_fields_from_json
 
 SPM_FILES = ("spiece.model", "sentencepiece.model")
 
