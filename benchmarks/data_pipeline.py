@@ -15,9 +15,9 @@ import tempfile
 import time
 
 from suformer.config import DataSection
-from suformer.data.corpora import peoples_daily
-from suformer.data.dataset import examples_from_documents
-from suformer.data.objectives.pegasus import chunk_units, pseudo_summary
+from suformer.corpora import peoples_daily
+from suformer.pretrain.data.dataset import examples_from_documents
+from suformer.pretrain.data.objectives.pegasus import chunk_units, pseudo_summary
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
-    from suformer.data.corpora import peoples_daily
+    from suformer.corpora import peoples_daily
 
     paragraphs = list(peoples_daily())
     rng = random.Random(seed)
@@ -59,8 +59,8 @@ def driver(args) -> None:
     import ray
 
     from suformer.config import DataSection
-    from suformer.data.corpus import preflight
-    from suformer.data.dataset import prepare_shards, shard_files
+    from suformer.pretrain.data.corpus import preflight
+    from suformer.pretrain.data.dataset import prepare_shards, shard_files
 
     data = DataSection(corpus=args.corpus, objective=args.objective, vocab=args.vocab, max_len=512,
                        rows_per_shard=5000)
@@ -102,7 +102,7 @@ def first_batch_after_resume(shards: list[Path]) -> list[tuple[str, str, float]]
     file as a checkpoint holds it; baseline: reading the epoch from its start up to the position."""
     import pyarrow.parquet as pq
 
-    from suformer.train.batches import StreamPosition, micro_batches
+    from suformer.pretrain.batches import StreamPosition, micro_batches
 
     shards = [str(p) for p in shards]
     files = shards[0::2]  # worker 0's
@@ -143,8 +143,8 @@ def main():
     if args.driver:
         return driver(args)
 
-    from suformer.data.corpora import peoples_daily
-    from suformer.data.dataset import shard_files
+    from suformer.corpora import peoples_daily
+    from suformer.pretrain.data.dataset import shard_files
     from suformer.tokenizer import build_vocab, write_vocab
 
     print(f"# {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}")

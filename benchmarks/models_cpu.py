@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from suformer.data.corpora import peoples_daily
+from suformer.corpora import peoples_daily
 from suformer.models import build_model
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
 

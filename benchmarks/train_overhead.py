@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import torch
 
 from suformer.config import load_config
-from suformer.data.dataset import shard_files
-from suformer.train.batches import collate
-from suformer.train.worker import optimizer_and_schedule, pretraining_model
+from suformer.pretrain.data.dataset import shard_files
+from suformer.pretrain.batches import collate
+from suformer.pretrain.worker import optimizer_and_schedule, pretraining_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "t5_pegasus_tiny_cpu.yaml"
 
@@ -58,7 +58,7 @@ def measure(root: str, steps: int, threads: int) -> dict:
     from mlflow.tracking import MlflowClient
 
     from suformer.tokenizer import Tokenizer
-    from suformer.train.pretrain import run_pretraining
+    from suformer.pretrain.driver import run_pretraining
 
     cfg = load_config(str(CONFIG), [
         f"run.root={root}", f"run.name=overhead-{threads}", "train.num_workers=1", f"train.cpus_per_worker={threads}",

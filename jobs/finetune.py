@@ -23,8 +23,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from suformer import tracking
-    from suformer.tasks import task_for
-    from suformer.train.finetune import finetune, save_finetuned
+    from suformer.finetune.tasks import task_for
+    from suformer.finetune.loop import finetune, save_finetuned
 
     try:  # read (and check) the data before any run exists
         splits = task_for(cfg).splits()

@@ -11,8 +11,8 @@ import os
 import sys
 
 from suformer.config import RESUBMIT_MUTABLE, ConfigError, job_arguments, load_config
-from suformer.data.corpus import DataError, preflight
-from suformer.data.dataset import check_makes_examples, check_vocab, vocab_for_init
+from suformer.pretrain.data.corpus import DataError, preflight
+from suformer.pretrain.data.dataset import check_makes_examples, check_vocab, vocab_for_init
 from suformer.storage import Location
 from suformer.tracking import browse_lines, changed_settings, recorded_params
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from suformer.train.pretrain import TrainingStopped, run_pretraining
+    from suformer.pretrain.driver import TrainingStopped, run_pretraining
 
     try:
         result = run_pretraining(cfg, corpus)

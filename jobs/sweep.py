@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     from suformer.tracking import browse_lines
-    from suformer.tune import run_sweep
+    from suformer.finetune.sweep import run_sweep
 
     result = run_sweep(sweep)
     print(f"\n[suformer] sweep {sweep.name}: {result['children']} trials, {result['errors']} failed\n")

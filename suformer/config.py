@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_mode
 from pydantic_core import PydanticCustomError
 
 from .storage import Location
-from .tricks import TRICKS, settings_fields
+from .finetune.tricks import TRICKS, settings_fields
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,7 @@ class DataSection(_Strict):
     # Longer lines (a runaway line, a binary file read as text) are skipped and counted, not trained on; longer
     # blank-line documents are cut at a line boundary.
     max_document_chars: int = Field(1_000_000, gt=0)
-    objective: str = "pegasus"  # a pretraining objective of suformer.data.objectives: pegasus, mlm, unilm
+    objective: str = "pegasus"  # a pretraining objective of suformer.pretrain.data.objectives: pegasus, mlm, unilm
     vocab: Optional[str] = None  # vocab.txt; None builds one from the corpus
     vocab_size: int = Field(50000, gt=106)
     vocab_sample_mb: float = Field(200.0, gt=0)  # text counted for a built vocab: a seeded sample of the corpus
@@ -212,7 +212,7 @@ class PretrainConfig(_Job):
 
     @model_validator(mode="after")
     def _objective_fits_family(self):
-        from .data.objectives import OBJECTIVES
+        from .pretrain.data.objectives import OBJECTIVES
 
         wanted = [name for name, objective in OBJECTIVES.items() if objective.family == self.model.family]
         if self.data.objective not in wanted:
@@ -257,7 +257,7 @@ class FinetuneModelSection(_Strict):
 
 
 class FinetuneDataSection(_Strict):
-    task: str = "sentiment"  # a registered task (suformer/tasks)
+    task: str = "sentiment"  # a registered task (suformer/finetune/tasks)
     # similarity: a senteval_cn folder (*.train.data, *.valid.data, *.test.data) or CLUE's AFQMC folder;
     # classification: a CLUE folder (TNEWS, IFLYTEK: train.json, dev.json, labels.json); title: a CSL folder;
     # ner: CLUENER's folder (train.json, dev.json) instead of People's Daily
@@ -273,7 +273,7 @@ class FinetuneDataSection(_Strict):
     @field_validator("task")
     @classmethod
     def _registered(cls, task):
-        from .tasks import TASKS
+        from .finetune.tasks import TASKS
 
         if task not in TASKS:
             raise ValueError(f"{task!r} is not a task (use one of {sorted(TASKS)})")
@@ -317,7 +317,7 @@ class FinetuneConfig(_Job):
 
     @model_validator(mode="after")
     def _fits_task(self):
-        from .tasks import TASKS
+        from .finetune.tasks import TASKS
 
         task, spec = self.data.task, TASKS[self.data.task]
         if self.model.family != spec.family:

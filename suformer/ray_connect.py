@@ -29,7 +29,7 @@ def _not_the_progress_bar_notice(record: logging.LogRecord) -> bool:
 def _not_a_corpus_error(record: logging.LogRecord) -> bool:
     """Ray Data logs a task's exception with its whole traceback before the driver sees it; a DataError (a bad
     line deep in a corpus file) is then printed once, by the job, as one line naming the file and line."""
-    from .data.corpus import DataError
+    from .pretrain.data.corpus import DataError
 
     return not (record.exc_info and isinstance(record.exc_info[1], DataError))
 

@@ -16,7 +16,7 @@ CLUSTER_STATE = Path(tempfile.mkdtemp(prefix="suformer-test-cluster-"))
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(CLUSTER_STATE / "auth_token"))
 os.environ.pop("RAY_AUTH_TOKEN", None)
 
-from suformer.data.corpora import peoples_daily, review_sentences
+from suformer.corpora import peoples_daily, review_sentences
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
 
 

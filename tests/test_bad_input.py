@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from suformer.config import DataSection
-from suformer.data.corpus import DataError
-from suformer.data.dataset import _shards_problem, prepare_shards
+from suformer.pretrain.data.corpus import DataError
+from suformer.pretrain.data.dataset import _shards_problem, prepare_shards
 
 from test_config import pretrain_main
 
@@ -70,7 +70,7 @@ def _checkpoint_dir(path, vocab_tokens):
 
 
 def test_init_from_uses_its_own_vocab_and_rejects_any_other(tmp_path):
-    from suformer.data.dataset import vocab_for_init
+    from suformer.pretrain.data.dataset import vocab_for_init
 
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "甲", "乙"]
     model = _checkpoint_dir(tmp_path / "model", tokens)
@@ -92,10 +92,10 @@ def test_init_from_on_object_storage_gives_the_same_model_and_vocab(s3_server, t
     import torch
 
     from suformer.config import PretrainConfig
-    from suformer.data.dataset import vocab_for_init
+    from suformer.pretrain.data.dataset import vocab_for_init
     from suformer.models import build_model, from_pretrained
     from suformer.storage import Location
-    from suformer.train.worker import pretraining_model
+    from suformer.pretrain.worker import pretraining_model
 
     vocab = char_vocab_file.read_text(encoding="utf-8")
     model = build_model("roformer_v2", "tiny", vocab_size=len(vocab.splitlines()))
@@ -134,7 +134,7 @@ def test_init_from_vocab_mismatch_exits_2_before_anything_starts(tmp_path, capsy
 
 
 def test_vocab_is_built_without_the_documents_training_skips(ray_cluster, tmp_path):
-    from suformer.data.dataset import ensure_vocab
+    from suformer.pretrain.data.dataset import ensure_vocab
     from suformer.tokenizer import load_vocab
 
     corpus = tmp_path / "c.txt"

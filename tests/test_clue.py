@@ -8,9 +8,9 @@ import torch
 
 from suformer.config import FinetuneConfig, load_config
 from suformer.models import build_model
-from suformer.tasks import task_for
-from suformer.tasks.ner import CLUENER_TYPES, read_cluener
-from suformer.tasks.similarity import read_clue_pairs, similarity_splits
+from suformer.finetune.tasks import task_for
+from suformer.finetune.tasks.ner import CLUENER_TYPES, read_cluener
+from suformer.finetune.tasks.similarity import read_clue_pairs, similarity_splits
 
 from test_convert import REPO
 
@@ -45,7 +45,7 @@ def test_afqmc_folder_splits_with_clues_dev_set_as_the_test_set(tmp_path, news):
 
 @pytest.mark.parametrize("name, read", [("train.json", read_clue_pairs), ("train.tsv", "csl")])
 def test_a_gbk_file_is_named_with_its_first_line_that_is_not_utf8(tmp_path, name, read):
-    from suformer.tasks.title import read_csl
+    from suformer.finetune.tasks.title import read_csl
 
     path = tmp_path / name
     good = ('{"sentence1": "花呗", "sentence2": "借呗", "label": "1"}\n' if name.endswith("json") else "标题\t摘要\n")
@@ -131,7 +131,7 @@ def tnews_folder(folder, news, reviews):
 
 
 def test_clue_classification_trains_under_adafactor_with_clues_dev_set_as_the_test_set(tmp_path, news, reviews):
-    from suformer.train.finetune import finetune
+    from suformer.finetune.loop import finetune
 
     folder = tnews_folder(tmp_path / "tnews", news, reviews)
     cfg = FinetuneConfig.model_validate({
@@ -177,7 +177,7 @@ def csl_folder(folder, news):
 
 
 def test_csl_reader_takes_title_tab_content_and_names_bad_lines(tmp_path):
-    from suformer.tasks.title import read_csl
+    from suformer.finetune.tasks.title import read_csl
 
     good = tmp_path / "train.tsv"
     good.write_bytes("\ufeff基于BERT的标题生成\t本文提出一种方法。\r\n\r\n另一个标题\t另一段摘要\r\n".encode("utf-8"))
@@ -191,8 +191,8 @@ def test_csl_reader_takes_title_tab_content_and_names_bad_lines(tmp_path):
 
 
 def test_title_task_fine_tunes_t5_pegasus_and_scores_beam_search_as_su_does(tmp_path, news):
-    from suformer.tasks.seq2seq import char_rouge_bleu
-    from suformer.train.finetune import finetune
+    from suformer.finetune.tasks.seq2seq import char_rouge_bleu
+    from suformer.finetune.loop import finetune
 
     folder = csl_folder(tmp_path / "csl", news)
     cfg = FinetuneConfig.model_validate({

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from suformer.config import DataSection
-from suformer.data.corpus import DataError, file_documents, list_corpus, preflight
-from suformer.data.dataset import check_makes_examples, data_fingerprint
+from suformer.pretrain.data.corpus import DataError, file_documents, list_corpus, preflight
+from suformer.pretrain.data.dataset import check_makes_examples, data_fingerprint
 
 from test_config import pretrain_main
 

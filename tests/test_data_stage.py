@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from suformer.config import DataSection
-from suformer.data import dataset
-from suformer.data.dataset import ensure_vocab, prepare_shards, shard_files
+from suformer.pretrain.data import dataset
+from suformer.pretrain.data.dataset import ensure_vocab, prepare_shards, shard_files
 from suformer.tokenizer import build_vocab, load_vocab
 
 pytestmark = pytest.mark.slow

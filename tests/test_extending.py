@@ -1,8 +1,9 @@
 """README's "Extending suformer": the trick it shows, added as its one module, reaches the config and the loop.
 
 The example is read from README.md itself, so the documented recipe cannot drift from what works. It runs in a
-fresh interpreter: the module is loaded as `suformer.tricks.flooding` (what its import line in
-`suformer/tricks/__init__.py` would do) before the config is first imported, which builds the `tricks` section."""
+fresh interpreter: the module is loaded as `suformer.finetune.tricks.flooding` (what its import line in
+`suformer/finetune/tricks/__init__.py` would do) before the config is first imported, which builds the `tricks`
+section."""
 import json
 import re
 import subprocess
@@ -21,17 +22,18 @@ def readme_example(first_line: str) -> str:
 
 
 def test_the_readme_trick_is_one_module_its_settings_reach_the_config_and_its_loss_hook_trains(tmp_path):
-    (tmp_path / "flooding.py").write_text(readme_example("# suformer/tricks/flooding.py"), encoding="utf-8")
+    (tmp_path / "flooding.py").write_text(readme_example("# suformer/finetune/tricks/flooding.py"), encoding="utf-8")
     script = textwrap.dedent(f"""
         import importlib.util, json, sys
-        import suformer.tricks
-        spec = importlib.util.spec_from_file_location("suformer.tricks.flooding", {str(tmp_path / "flooding.py")!r})
+        import suformer.finetune.tricks
+        spec = importlib.util.spec_from_file_location("suformer.finetune.tricks.flooding",
+                                                      {str(tmp_path / "flooding.py")!r})
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
 
         from suformer.config import ConfigError, FinetuneConfig, load_config
-        from suformer.train.finetune import finetune
+        from suformer.finetune.loop import finetune
 
         try:
             load_config(None, ["tricks.flooding_level=-1"], schema=FinetuneConfig)

@@ -97,7 +97,7 @@ def test_ner_job_learns_entities_and_tracks_the_run_in_mlflow(tmp_path, capsys):
     and the best model."""
     from mlflow.tracking import MlflowClient
 
-    from suformer.train.finetune import load_finetuned
+    from suformer.finetune.loop import load_finetuned
 
     argv = ["--config", str(REPO / "jobs" / "configs" / "finetune_ner_tiny_cpu.yaml"), "--set", f"run.root={tmp_path}",
             "--set", "data.max_train_examples=1200", "--set", "data.max_eval_examples=200", "--set", "data.max_len=64"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from suformer.config import ConfigError, FinetuneConfig, load_config
-from suformer.train.finetune import finetune
+from suformer.finetune.loop import finetune
 
 
 def run(tmp_path, tricks: dict, zero, task="sentiment", precision="auto"):

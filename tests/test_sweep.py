@@ -33,7 +33,7 @@ def test_sweep_of_five_tricks_and_two_seeds_makes_parent_child_runs_table_plot_a
     from mlflow.tracking import MlflowClient
 
     from suformer.config import SweepConfig
-    from suformer.tune import run_sweep
+    from suformer.finetune.sweep import run_sweep
 
     sweep = load_config(SWEEP, _small(tmp_path), schema=SweepConfig)
     result = run_sweep(sweep)
@@ -117,7 +117,7 @@ def test_bad_sweep_configs_exit_2_naming_the_problem(override, message, capsys):
 def test_comparison_statistics_against_welchs_formula():
     from scipy import stats
 
-    from suformer.tune import comparison
+    from suformer.finetune.sweep import comparison
 
     none, fgm = [0.70, 0.74, 0.72], [0.75, 0.79]
     children = [{"trick": "none", "metrics": {"test/accuracy": v, "time/epoch_s": 2.0}} for v in none]
@@ -136,7 +136,7 @@ def test_comparison_statistics_against_welchs_formula():
 
 def test_runs_their_trials_left_open_are_killed_if_tune_ended_the_trial_cleanly_else_failed(tmp_path):
     from suformer import tracking
-    from suformer.tune import STOPPED_EARLY_TAG, TRIAL_TAG, close_orphaned_runs
+    from suformer.finetune.sweep import STOPPED_EARLY_TAG, TRIAL_TAG, close_orphaned_runs
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     parent, _ = tracking.open_run(uri, "sweeps", "sweep", run_root=tmp_path)
@@ -211,7 +211,7 @@ def test_a_stopped_trial_cut_off_inside_its_mlflow_calls_still_ends_killed(ray_c
     from mlflow.tracking import MlflowClient
 
     from suformer.config import SweepConfig
-    from suformer.tune import run_sweep
+    from suformer.finetune.sweep import run_sweep
 
     proxy = _HoldingProxy(mlflow_server.url, marker=b"suformer.stopped_early", hold_s=8)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.username)  # the nodes have them already
@@ -237,7 +237,7 @@ def test_a_stopped_trial_cut_off_inside_its_mlflow_calls_still_ends_killed(ray_c
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("sweep_*.yaml")), ids=lambda p: p.stem)
 def test_shipped_sweep_configs_validate(path):
     from suformer.config import SweepConfig
-    from suformer.tune import trial_config
+    from suformer.finetune.sweep import trial_config
 
     sweep = load_config(str(path), schema=SweepConfig)
     for trick in sweep.tricks:

@@ -5,13 +5,13 @@ from collections import Counter
 import pytest
 import torch
 
-from suformer.data.corpora import peoples_daily_tagged
-from suformer.tasks.classification import classification_metrics
-from suformer.tasks.idiom import TokenTrie, char_rouge_bleu, idiom_csv, idiom_examples, idiom_splits
-from suformer.tasks.ner import (MASKED, EfficientGlobalPointer, char_ids, decode_spans, entity_f1,
+from suformer.corpora import peoples_daily_tagged
+from suformer.finetune.tasks.classification import classification_metrics
+from suformer.finetune.tasks.idiom import TokenTrie, char_rouge_bleu, idiom_csv, idiom_examples, idiom_splits
+from suformer.finetune.tasks.ner import (MASKED, EfficientGlobalPointer, char_ids, decode_spans, entity_f1,
                                 multilabel_categorical_crossentropy, ner_splits, peoples_daily_sentences)
-from suformer.tasks.sentiment import sentiment_examples, sentiment_splits
-from suformer.tasks.similarity import cosent_loss, read_pairs, similarity_splits
+from suformer.finetune.tasks.sentiment import sentiment_examples, sentiment_splits
+from suformer.finetune.tasks.similarity import cosent_loss, read_pairs, similarity_splits
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_char_rouge_and_bleu_against_hand_computation():
 
 def test_idiom_task_trains_t5_pegasus_end_to_end(tmp_path):
     from suformer.config import FinetuneConfig
-    from suformer.train.finetune import finetune
+    from suformer.finetune.loop import finetune
 
     cfg = FinetuneConfig.model_validate({
         "model": {"family": "t5_pegasus"},
@@ -266,7 +266,7 @@ def test_cosent_loss_against_the_pairwise_sum():
 
 def test_similarity_trains_with_cosent_sentence_bert_and_unsupervised_simcse(tmp_path):
     from suformer.config import FinetuneConfig
-    from suformer.train.finetune import finetune
+    from suformer.finetune.loop import finetune
 
     rows = sentiment_splits(seed=0)
     for split, name in (("train", "train"), ("dev", "valid"), ("test", "test")):
@@ -287,7 +287,7 @@ def test_similarity_trains_with_cosent_sentence_bert_and_unsupervised_simcse(tmp
 def test_a_dev_metric_that_is_never_defined_keeps_the_last_epoch_instead_of_failing(tmp_path):
     """Spearman is undefined (NaN) when every dev label is the same; training still ends with a model."""
     from suformer.config import FinetuneConfig
-    from suformer.train.finetune import finetune
+    from suformer.finetune.loop import finetune
 
     pairs = "今天天气很好\t天气不错\t1\n这家店很差\t服务很好\t0\n"
     for split in ("train", "test"):

@@ -5,7 +5,7 @@ import unicodedata
 import jieba
 import pytest
 
-from suformer.data.corpora import peoples_daily
+from suformer.corpora import peoples_daily
 from suformer.tokenizer import SPECIAL_TOKENS, Tokenizer, build_vocab, jieba_words, load_vocab, normalize, write_vocab
 
 CRAFTED = [

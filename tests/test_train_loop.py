@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from suformer.train.batches import StreamPosition, micro_batches, redeal, step_sums
-from suformer.train.validation import Validation, split_validation
+from suformer.pretrain.batches import StreamPosition, micro_batches, redeal, step_sums
+from suformer.pretrain.validation import Validation, split_validation
 
 
 def test_step_sums_count_what_argmax_counts():
@@ -115,7 +115,7 @@ def _checkpoint(storage: Path, step: int, complete: bool = True) -> None:
 
 
 def test_keep_checkpoints_prunes_folders_ray_train_never_registered_and_nothing_it_did(tmp_path):
-    from suformer.train.run_checkpoints import prune_unregistered_checkpoints
+    from suformer.pretrain.run_checkpoints import prune_unregistered_checkpoints
 
     for step in (10, 20, 30, 40, 50, 60):
         _checkpoint(tmp_path, step, complete=step != 60)  # 60: still being written
@@ -130,7 +130,7 @@ def test_keep_checkpoints_prunes_folders_ray_train_never_registered_and_nothing_
 
 
 def test_nothing_is_pruned_before_ray_train_has_registered_a_newer_checkpoint(tmp_path):
-    from suformer.train.run_checkpoints import prune_unregistered_checkpoints
+    from suformer.pretrain.run_checkpoints import prune_unregistered_checkpoints
 
     for step in (10, 20, 30):
         _checkpoint(tmp_path, step)

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from suformer.models import build_model
-from suformer.tasks.classification import SequenceClassifier
-from suformer.tricks.adversarial import fgm_backward, gradient_penalty, pgd_backward
-from suformer.tricks.child_tuning import ChildTuningD, ChildTuningF
-from suformer.tricks.ema import ema_model
-from suformer.tricks.exposure_bias import replace_decoder_inputs
-from suformer.tricks.layerwise_lr import layerwise_lr_groups
-from suformer.tricks.lora import apply_lora, trainable_parameters
-from suformer.tricks.rdrop import rdrop_loss, repeat_for_rdrop
-from suformer.tricks.simcse import simcse_loss
-from suformer.tricks.sparse_softmax import sparse_softmax_cross_entropy
+from suformer.finetune.tasks.classification import SequenceClassifier
+from suformer.finetune.tricks.adversarial import fgm_backward, gradient_penalty, pgd_backward
+from suformer.finetune.tricks.child_tuning import ChildTuningD, ChildTuningF
+from suformer.finetune.tricks.ema import ema_model
+from suformer.finetune.tricks.exposure_bias import replace_decoder_inputs
+from suformer.finetune.tricks.layerwise_lr import layerwise_lr_groups
+from suformer.finetune.tricks.lora import apply_lora, trainable_parameters
+from suformer.finetune.tricks.rdrop import rdrop_loss, repeat_for_rdrop
+from suformer.finetune.tricks.simcse import simcse_loss
+from suformer.finetune.tricks.sparse_softmax import sparse_softmax_cross_entropy
 
 
 def classifier(dtype=torch.float32, pooling="cls", attention_backend="sdpa"):
@@ -294,7 +294,7 @@ def test_simcse_loss_picks_each_views_twin_out_of_the_batch():
 
 @pytest.mark.parametrize("mode", ["prompt", "full"])
 def test_ptuning_reads_the_mlm_head_at_mask_and_prompt_mode_trains_only_the_eight_prompt_rows(mode):
-    from suformer.tricks.ptuning import PTuningClassifier
+    from suformer.finetune.tricks.ptuning import PTuningClassifier
 
     torch.manual_seed(0)
     mlm = build_model("roformer_v2", "tiny", vocab_size=120, dropout=0.0)
@@ -323,7 +323,7 @@ def test_ptuning_reads_the_mlm_head_at_mask_and_prompt_mode_trains_only_the_eigh
 
 
 def test_ladder_side_tuning_reads_the_frozen_expert_and_trains_only_the_side_network():
-    from suformer.tricks.ladder_side import LadderSideClassifier
+    from suformer.finetune.tricks.ladder_side import LadderSideClassifier
 
     torch.manual_seed(0)
     expert = build_model("roformer_v2", "tiny", vocab_size=120, dropout=0.0)  # 2 layers
@@ -361,7 +361,7 @@ def test_ladder_side_tuning_reads_the_frozen_expert_and_trains_only_the_side_net
 
 
 def test_peft_prompt_tuning_prepends_its_vectors_and_trains_only_them_and_the_head():
-    from suformer.tricks.prompt_tuning import apply_prompt_tuning
+    from suformer.finetune.tricks.prompt_tuning import apply_prompt_tuning
 
     torch.manual_seed(0)
     base = classifier()
