@@ -85,12 +85,16 @@ def _submit(ray_cluster, working_dir, *entry):
 
 
 def test_job_uploads_leave_data_checkpoints_and_secrets_behind(ray_cluster, tmp_path):
-    """A project directory with the repo's ignore files and everything that must not travel: the job sees code only."""
+    """A project directory with the repo's ignore files, the repo's code and everything that must not travel: the
+    job sees all of the code (every tracked file of suformer/ and jobs/, whatever its directories are named) and
+    nothing else."""
     project = tmp_path / "project"
     for name in (".gitignore", ".rayignore"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text((REPO / name).read_text())
-    kept = ["jobs/pretrain.py", "jobs/configs/a.yaml", "suformer/x.py", "list_files.py"]
+    tracked = subprocess.run(["git", "ls-files", "suformer", "jobs"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    kept = [*tracked, "list_files.py"]
     left_behind = ["mlflow.db", "runs/demo/checkpoints/step-1/state.pt", "mlruns/0/meta.yaml", ".env", "auth_token",
                    "secrets/aws.key", "data/shard-00000.parquet", "model/model.safetensors", "mlflow-server/basic_auth.ini",
                    ".venv/bin/python"]
@@ -101,7 +105,7 @@ def test_job_uploads_leave_data_checkpoints_and_secrets_behind(ray_cluster, tmp_
         "import os\nfor d, _, fs in os.walk('.'):\n    for f in fs:\n        print('FILE', os.path.join(d, f)[2:])\n")
     out = _submit(ray_cluster, project, "python", "list_files.py")
     uploaded = {line.split("FILE ", 1)[1].strip() for line in out.splitlines() if "FILE " in line}
-    assert set(kept) <= uploaded
+    assert len(tracked) > 50 and not set(kept) - uploaded, set(kept) - uploaded
     assert not uploaded & set(left_behind), uploaded & set(left_behind)
 
 
