@@ -152,9 +152,9 @@ def _ray_cli(ray_cluster, *args, timeout=600):
     return subprocess.run([ray, "job", *args], env=ray_cluster.env, capture_output=True, text=True, timeout=timeout)
 
 
-def _wait_for_step(cfg, step, timeout=300, job=None):
-    """Wait until `step` of the run is logged; with `job` (a submission client and job id), stop waiting once the job
-    has ended, and show what it printed."""
+def _wait_for_step(cfg, step, timeout=300, jobs=None, job_id=None):
+    """Wait until `step` of the run is logged; given a submitted job (`jobs`, a JobSubmissionClient, and `job_id`),
+    stop waiting once it has ended, and show what it printed."""
     deadline = time.time() + timeout
     while True:
         try:
@@ -163,10 +163,12 @@ def _wait_for_step(cfg, step, timeout=300, job=None):
             history = []
         if history and history[-1][0] >= step:
             return history[-1][0]
-        if time.time() > deadline or (job and job[0].get_job_status(job[1]).is_terminal()):
+        if time.time() > deadline or (jobs and jobs.get_job_status(job_id).is_terminal()):
             break
         time.sleep(0.2)
-    printed = f"; job {job[0].get_job_status(job[1])}, its output ends:\n{job[0].get_job_logs(job[1])[-4000:]}" if job else ""
+    printed = ""
+    if jobs:
+        printed = f"; job {jobs.get_job_status(job_id)}, its output ends:\n{jobs.get_job_logs(job_id)[-4000:]}"
     raise TimeoutError(f"step {step} of {cfg.run.name} was never logged{printed}")
 
 
@@ -193,7 +195,8 @@ def test_ray_job_submit_end_to_end_and_after_a_killed_driver(ray_cluster, mlflow
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", first.stdout).group(0)
     jobs = JobSubmissionClient(ray_cluster.dashboard)
-    _wait_for_step(cfg, 15, job=(jobs, job_id))  # Ray Train may not have registered the step-10 checkpoint yet: resumed all the same
+    # Ray Train may not have registered the step-10 checkpoint yet: resumed all the same
+    _wait_for_step(cfg, 15, jobs=jobs, job_id=job_id)
     os.kill(int(jobs.get_job_info(job_id).driver_info.pid), signal.SIGKILL)
     deadline = time.time() + 60
     while not jobs.get_job_status(job_id).is_terminal() and time.time() < deadline:

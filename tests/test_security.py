@@ -97,7 +97,7 @@ def test_job_uploads_leave_data_checkpoints_and_secrets_behind(ray_cluster, tmp_
     kept = [*tracked, "list_files.py"]
     left_behind = ["mlflow.db", "runs/demo/checkpoints/step-1/state.pt", "mlruns/0/meta.yaml", ".env", "auth_token",
                    "secrets/aws.key", "data/shard-00000.parquet", "model/model.safetensors", "mlflow-server/basic_auth.ini",
-                   ".venv/bin/python"]
+                   ".venv/bin/python", "suformer/pretrain/data/shard-00000.parquet"]
     for rel in kept + left_behind:
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_text("x")
