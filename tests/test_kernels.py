@@ -37,6 +37,11 @@ def _segments(length, sources, targets):
     return torch.tensor(rows)
 
 
+def _documents(runs):
+    """Document ids of packed rows from run lengths: ids 1, 2, 1, 2, ... (a repeated id is another document)."""
+    return torch.tensor([[1 + i % 2 for i, n in enumerate(row) for _ in range(n)] for row in runs])
+
+
 def _run(backend, dtype, device, inputs, case, grad_out):
     """Output and gradients (q, k, v, table) of one attention call."""
     q, k, v, table = (x.detach().to(device=device, dtype=dtype).requires_grad_() for x in inputs)
@@ -51,6 +56,7 @@ def _run(backend, dtype, device, inputs, case, grad_out):
             key_padding=None if mask.key_padding is None else mask.key_padding.to(device),
             causal=mask.causal, window=mask.window,
             segment_ids=None if mask.segment_ids is None else mask.segment_ids.to(device),
+            document_ids=None if mask.document_ids is None else mask.document_ids.to(device),
         )
     out = attention(
         q, k, v, position=position, mask=mask, scale=case.get("scale", 1.0), query_offset=case.get("offset", 0),
@@ -99,6 +105,16 @@ CASES = {
                                 offset=27, mask=AttentionMask(causal=True)),
     "unilm-kv-cache": dict(shape=(2, 2, 5, 30, 32), position="rope", scale=0.2, offset=25,
                            mask=AttentionMask(segment_ids=_segments(30, [12, 9], [18, 21]))),
+    # Packed documents (each a run of ids, the same id later on another document), across 16-key tiles.
+    "rope-packed-documents": dict(shape=(2, 2, 48, 48, 32), position="rope", scale=0.2,
+                                  mask=AttentionMask(key_padding=_padding(2, 48, [40, 48]),
+                                                     document_ids=_documents([[7, 20, 13, 8], [3, 27, 18]]))),
+    "t5-packed-documents": dict(shape=(2, 2, 45, 45, 32), position="t5", bidirectional=True, max_distance=20,
+                                mask=AttentionMask(key_padding=_padding(2, 45, [38, 45]),
+                                                   document_ids=_documents([[17, 21, 7], [5, 40]]))),
+    "unilm-packed-documents": dict(shape=(2, 2, 40, 40, 32), position="rope", scale=0.2,
+                                   mask=AttentionMask(segment_ids=_segments(40, [12, 9], [28, 31]),
+                                                      document_ids=_documents([[20, 20], [9, 31]]))),
     # A sequence with no real key at all: its rows must come out as zeros with zero gradients, not NaN.
     "fully-masked-rows": dict(shape=(2, 2, 20, 20, 32), position="t5", bidirectional=True, max_distance=20,
                               mask=AttentionMask(key_padding=_padding(2, 20, [20, 0]))),

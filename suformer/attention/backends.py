@@ -64,10 +64,10 @@ def _sdpa(q, k, v, *, position, mask, scale, dropout_p, query_offset, logn_base)
         allowed = None if mask is None else mask.dense(query_len, key_len, query_offset, q.device)
     empty_rows = None
     if allowed is not None:
-        has_key = allowed.any(dim=-1, keepdim=True)
-        if not bool(has_key.all()):
-            empty_rows = ~has_key
-            allowed = allowed | empty_rows
+        # Rows that see no key (a padded query row of a UniLM batch, say) see every key instead, and are zeroed
+        # after: no NaN. Unconditional, so there is no host sync on a GPU, nor a graph break under torch.compile.
+        empty_rows = ~allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | empty_rows
     if bias is not None:
         attn_mask = bias.to(q.dtype)
         if allowed is not None:

@@ -28,9 +28,31 @@ class KVCache:
         self.self_kv[layer] = (k, v)
         return k, v
 
+    def layer(self, index: int) -> "LayerKV":
+        """Layer `index`'s entries, which is what a layer is handed (it does not need to know its number)."""
+        return LayerKV(self, index)
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the given batch rows (beam search)."""
         for store in (self.self_kv, self.cross_kv):
             for i, kv in enumerate(store):
                 if kv is not None:
                     store[i] = (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+
+
+class LayerKV:
+    """One layer's view of a KVCache."""
+
+    def __init__(self, cache: KVCache, index: int):
+        self.cache, self.index = cache, index
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.extend(self.index, k, v)
+
+    @property
+    def cross(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return self.cache.cross_kv[self.index]
+
+    @cross.setter
+    def cross(self, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.cache.cross_kv[self.index] = kv

@@ -61,12 +61,16 @@ class T5RelativeBias:
     """T5 bucketed relative position bias: `table[bucket(key_pos - query_pos), head]` added to the scores.
 
     One description is built per forward pass and shared by all layers of a stack, so the bias a backend
-    materialises is computed once per pass (and its gradient flows into `table` once).
+    materialises is computed once per pass (and its gradient flows into `table` once). Not with `shared=False`:
+    a layer whose activations are recomputed in the backward pass (activation checkpointing) must compute its
+    bias itself, or its recomputation would skip the work its first forward did; so must a compiled layer, a
+    graph of its own.
     """
 
     table: torch.Tensor  # [num_buckets, heads]
     bidirectional: bool
     max_distance: int = 128
+    shared: bool = True
     _materialised: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -86,11 +90,15 @@ class T5RelativeBias:
 
     def materialise(self, query_len: int, key_len: int, query_offset: int = 0) -> torch.Tensor:
         """The bias as [1, H, Lq, Lk]; cached for the lifetime of this description (one forward pass)."""
+        if not self.shared:  # no lookup either: under torch.compile a key of lengths would fix them as constants
+            return self._bias(query_len, key_len, query_offset)
         key = (query_len, key_len, query_offset)
         if key not in self._materialised:
-            bias = F.embedding(self.buckets(query_len, key_len, query_offset), self.table)  # [Lq, Lk, H]
-            self._materialised[key] = bias.permute(2, 0, 1).unsqueeze(0)
+            self._materialised[key] = self._bias(query_len, key_len, query_offset)
         return self._materialised[key]
+
+    def _bias(self, query_len: int, key_len: int, query_offset: int) -> torch.Tensor:
+        return F.embedding(self.buckets(query_len, key_len, query_offset), self.table).permute(2, 0, 1).unsqueeze(0)
 
 
 @dataclass(frozen=True)

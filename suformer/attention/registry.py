@@ -6,7 +6,6 @@ The reference and SDPA backends (backends.py) are there from the start; the Trit
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 from typing import Callable, Optional
@@ -29,15 +28,14 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None  # a path search: once, not per attention call
+# A path search, once: not per attention call, nor inside a graph torch.compile traces.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _backend(name: str, q: torch.Tensor) -> Backend:
     """Look a backend up; "auto" is the Triton kernels on CUDA (when triton is installed), SDPA elsewhere."""
     if name == "auto":
-        name = "triton" if q.is_cuda and _triton_installed() else "sdpa"
+        name = "triton" if q.is_cuda and TRITON_INSTALLED else "sdpa"
     if name not in _BACKENDS and name.startswith("triton"):
         _BACKENDS.update(importlib.import_module("suformer.attention.triton").BACKENDS)
     try:

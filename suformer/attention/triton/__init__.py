@@ -39,6 +39,7 @@ def triton_attention(q, k, v, *, position, mask, scale, dropout_p, query_offset,
         key_padding=mask.key_padding if mask is not None else None,
         causal=mask is not None and mask.causal,
         segment_ids=mask.segment_ids if mask is not None else None,
+        document_ids=mask.document_ids if mask is not None else None,
         window=mask.window if mask is not None else None,
         query_offset=query_offset, logn_base=logn_base, dropout_p=dropout_p,
     )

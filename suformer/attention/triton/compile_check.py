@@ -37,7 +37,7 @@ BATCH, HEADS, LENGTH = 2, 12, 512  # T5 PEGASUS base: 12 heads; the pretraining 
 
 
 QUICK = dict(archs=[90], dtypes=["bfloat16"], head_dims=[64],
-             profiles=["t5-encoder", "t5-decoder", "roformer-unilm"], all_candidates=False)
+             profiles=["t5-encoder", "t5-decoder", "roformer-unilm", "roformer-mlm-packed"], all_candidates=False)
 
 
 @dataclass
