@@ -56,7 +56,7 @@ class LadderSideClassifier(nn.Module):
         x = self.expert.embeddings(input_ids, torch.zeros_like(input_ids))
         states = [x]
         for i, layer in enumerate(self.expert.layers):
-            x = layer(x, mask, layer=i)
+            x = layer(x, mask)
             states.append(x)
         return states
 
@@ -66,7 +66,7 @@ class LadderSideClassifier(nn.Module):
         mask = AttentionMask(key_padding=key_padding)
         x = self.side_input(states[0])
         for i, (ladder, layer) in enumerate(zip(self.ladders, self.side)):
-            x = layer(x + ladder(states[(i + 1) * self.skip]), mask, layer=i)
+            x = layer(x + ladder(states[(i + 1) * self.skip]), mask)
         logits = self.classifier(x[:, 0])
         loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)

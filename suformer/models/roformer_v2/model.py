@@ -17,6 +17,8 @@ from torch import nn
 from ...attention import AttentionMask, KVCache, Rotary, attention
 from ...generation import search
 from ...padding import IGNORE_INDEX
+from ..flops import Count, attention_pairs, matmul, tokens
+from ..layers import LayerStack
 from ..outputs import ModelOutput
 
 
@@ -69,12 +71,12 @@ class RoFormerAttention(nn.Module):
         self.config = config
         self.rotary = Rotary(config.rope_base)
 
-    def forward(self, x, mask, cache=None, layer=0, query_offset=0):
+    def forward(self, x, mask, cache=None, query_offset=0):
         c = self.config
         split = lambda t: t.view(t.shape[0], t.shape[1], c.num_heads, c.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         if cache is not None:
-            k, v = cache.extend(layer, k, v)
+            k, v = cache.extend(k, v)
         out = attention(
             q, k, v, position=self.rotary, mask=mask, scale=1.0 / math.sqrt(c.head_dim),
             dropout_p=c.attention_dropout if self.training else 0.0, query_offset=query_offset,
@@ -120,7 +122,7 @@ def roformer_v2_init_std(keras_shape: tuple[int, int], num_layers: int) -> float
     return 1.13684723 / math.sqrt(fan) / math.sqrt(num_layers)
 
 
-class RoFormerV2ForMaskedLM(nn.Module):
+class RoFormerV2ForMaskedLM(LayerStack):
     def __init__(self, config: RoFormerV2Config):
         super().__init__()
         self.config = config
@@ -135,6 +137,22 @@ class RoFormerV2ForMaskedLM(nn.Module):
         """The token embedding (transformers' accessor; the MLM head is tied to it)."""
         return self.embeddings.word_embeddings
 
+    def stacked_layers(self) -> nn.ModuleList:
+        return self.layers
+
+    def forward_flops(self, batch: dict, count: Count = "real") -> int:
+        """Matmul FLOPs of a forward pass over `batch` (models/flops.py for the conventions): every token passes
+        every layer and the MLM head (a matmul, although tied to the embedding lookup); attention within each
+        sequence, or each packed document."""
+        c = self.config
+        h = c.hidden_size
+        ids = batch["input_ids"]
+        mask = ids != c.pad_token_id if batch.get("attention_mask") is None else batch["attention_mask"].bool()
+        n = tokens(mask, count)
+        per_token = 4 * matmul(1, h, h) + matmul(1, h, c.intermediate_size) + matmul(1, c.intermediate_size, h)
+        pairs = attention_pairs(mask, mask, count, batch.get("document_ids"))
+        return c.num_layers * (n * per_token + 2 * 2 * h * pairs) + matmul(n, h, c.vocab_size)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Every kernel ~ TruncatedNormal(0, std) cut at +-2 std, std = 1.1368/sqrt(fan_in * layers): the truncated
@@ -147,8 +165,11 @@ class RoFormerV2ForMaskedLM(nn.Module):
                 std = roformer_v2_init_std(keras_shape, self.config.num_layers)
                 nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cache=None, unilm=False, inputs_embeds=None):
-        """Final hidden states. `unilm`: bert4keras UniLM mask from token_type_ids (source 0, target 1).
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cache=None, unilm=False, inputs_embeds=None,
+               document_ids=None):
+        """Final hidden states. `unilm`: bert4keras UniLM mask from token_type_ids (source 0, target 1);
+        `document_ids` [B, L]: examples packed into each row, each attending only to itself (RoPE is relative, so
+        an example's scores do not depend on where in the row it sits).
 
         With a `cache`, `input_ids` are only the new tokens; `attention_mask`/`token_type_ids` then cover the whole
         sequence so far (cache + new), since UniLM visibility depends on every segment id. `inputs_embeds` [B, L, H]
@@ -164,16 +185,18 @@ class RoFormerV2ForMaskedLM(nn.Module):
         new_types = token_type_ids[:, offset:] if cache is not None else token_type_ids
         mask = AttentionMask(
             key_padding=None if cache is not None and attention_mask is None else key_padding,
-            segment_ids=token_type_ids if unilm else None,
+            segment_ids=token_type_ids if unilm else None, document_ids=document_ids,
         )
         x = self.embeddings(input_ids, new_types, inputs_embeds)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache=cache, layer=i, query_offset=offset)
+        for i in range(len(self.layers)):
+            x = self.run_layer(i, x, mask, cache=None if cache is None else cache.layer(i), query_offset=offset)
         return x
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, unilm=False):
-        """Masks default to `ids != pad`; `labels` -100 are ignored (MLM targets, or shifted UniLM targets)."""
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, unilm=unilm)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, unilm=False,
+                document_ids=None):
+        """Masks default to `ids != pad`; `labels` -100 are ignored (MLM targets, or shifted UniLM targets);
+        `document_ids` as in `encode`."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, unilm=unilm, document_ids=document_ids)
         logits = self.mlm_head(self.head_dropout(hidden))
         loss = None
         if labels is not None:

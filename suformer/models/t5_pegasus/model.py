@@ -23,6 +23,8 @@ from torch import nn
 from ...attention import AttentionMask, KVCache, T5RelativeBias, attention
 from ...generation import search
 from ...padding import IGNORE_INDEX
+from ..flops import Count, attention_pairs, matmul, tokens
+from ..layers import LayerStack
 from ..outputs import ModelOutput
 
 COMPAT_MODES = ("bert4keras", "hf")
@@ -95,19 +97,20 @@ class T5Attention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, *, position, mask, context=None, cache=None, layer=0, query_offset=0):
-        """Self-attention (context None) or cross-attention over `context`, optionally through a KVCache."""
+    def forward(self, x, *, position, mask, context=None, cache=None, query_offset=0):
+        """Self-attention (context None) or cross-attention over `context`, optionally through the layer's part of
+        a KVCache."""
         q = self._heads(self.q(x))
         if context is None:
             k, v = self._heads(self.k(x)), self._heads(self.v(x))
             if cache is not None:
-                k, v = cache.extend(layer, k, v)
-        elif cache is not None and cache.cross_kv[layer] is not None:
-            k, v = cache.cross_kv[layer]
+                k, v = cache.extend(k, v)
+        elif cache is not None and cache.cross is not None:
+            k, v = cache.cross
         else:
             k, v = self._heads(self.k(context)), self._heads(self.v(context))
             if cache is not None:
-                cache.cross_kv[layer] = (k, v)
+                cache.cross = (k, v)
         out = attention(
             q, k, v, position=position, mask=mask, scale=1.0,  # T5: no 1/sqrt(d)
             dropout_p=self.dropout_p if self.training else 0.0, query_offset=query_offset, backend=self.backend,
@@ -149,9 +152,9 @@ class T5Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.is_decoder = is_decoder
 
-    def forward(self, x, *, position, mask, context=None, cross_position=None, cross_mask=None, cache=None, layer=0,
+    def forward(self, x, *, position, mask, context=None, cross_position=None, cross_mask=None, cache=None,
                 query_offset=0):
-        cached = dict(cache=cache, layer=layer, query_offset=query_offset)
+        cached = dict(cache=cache, query_offset=query_offset)
         x = x + self.dropout(self.self_attention(self.self_attention_norm(x), position=position, mask=mask, **cached))
         if self.is_decoder:
             attended = self.cross_attention(
@@ -161,7 +164,7 @@ class T5Block(nn.Module):
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
-class T5Stack(nn.Module):
+class T5Stack(LayerStack):
     """Encoder (bidirectional bias) or decoder (causal bias, cross-attention); embeddings are passed in."""
 
     def __init__(self, config: T5PegasusConfig, is_decoder: bool):
@@ -173,19 +176,23 @@ class T5Stack(nn.Module):
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
+    def stacked_layers(self) -> nn.ModuleList:
+        return self.blocks
+
     def forward(self, embeddings, padding_mask=None, context=None, context_mask=None, cache=None):
         bias = T5RelativeBias(
             self.relative_attention_bias.weight, bidirectional=not self.is_decoder,
-            max_distance=self.config.max_distance,
+            max_distance=self.config.max_distance, shared=self.layers_share_work,
         )
         offset = 0 if cache is None else cache.length
         self_mask = AttentionMask(key_padding=padding_mask, causal=self.is_decoder)
         cross_mask = AttentionMask(key_padding=context_mask)
         cross_bias = bias if self.config.cross_attention_bias else None
         x = self.dropout(embeddings)
-        for i, block in enumerate(self.blocks):
-            x = block(x, position=bias, mask=self_mask, context=context, cross_position=cross_bias,
-                      cross_mask=cross_mask, cache=cache, layer=i, query_offset=offset)
+        for i in range(len(self.blocks)):
+            x = self.run_layer(i, x, position=bias, mask=self_mask, context=context, cross_position=cross_bias,
+                               cross_mask=cross_mask, cache=None if cache is None else cache.layer(i),
+                               query_offset=offset)
         return self.dropout(self.final_norm(x))
 
 
@@ -234,6 +241,26 @@ class T5PegasusForConditionalGeneration(nn.Module):
         unscaled at the input, cannot be."""
         c = self.config
         return {"lm_head.weight": c.d_model**-0.5} if c.scale_decoder_output and not c.tie_word_embeddings else {}
+
+    def forward_flops(self, batch: dict, count: Count = "real") -> int:
+        """Matmul FLOPs of a forward pass over `batch` (models/flops.py for the conventions): an encoder token
+        passes the encoder; a decoder token the decoder's self- and cross-attention, its FFN and the head; the
+        cross-attention keys and values are projected from the encoder's tokens in every decoder layer."""
+        c = self.config
+        d, inner, vocab = c.d_model, c.num_heads * c.head_dim, c.vocab_size
+        encoder_mask = self._mask(batch["input_ids"], batch.get("attention_mask"))
+        decoder_ids = batch["decoder_input_ids"] if "decoder_input_ids" in batch else batch["labels"]
+        decoder_mask = self._mask(decoder_ids, batch.get("decoder_attention_mask"))
+        enc, dec = tokens(encoder_mask, count), tokens(decoder_mask, count)
+        per_token = 4 * matmul(1, d, inner) + 2 * matmul(1, d, c.d_ff) + matmul(1, c.d_ff, d)  # q k v o, gated FFN
+        scores = 2 * 2 * inner  # per query-key pair: q.k and p.v
+        encoder = enc * per_token + scores * attention_pairs(encoder_mask, encoder_mask, count)
+        cross = (dec + enc) * 2 * matmul(1, d, inner) + scores * attention_pairs(decoder_mask, encoder_mask, count)
+        decoder = dec * per_token + scores * attention_pairs(decoder_mask, decoder_mask, count) + cross
+        return c.num_encoder_layers * encoder + c.num_decoder_layers * decoder + matmul(dec, d, vocab)
+
+    def _mask(self, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.padding_mask(ids) if mask is None else mask.bool()
 
     # -- pieces used by generation ------------------------------------------------------------------------------
     def padding_mask(self, ids: torch.Tensor) -> torch.Tensor:
