@@ -42,7 +42,7 @@ from suformer.pretrain.data.objectives import OBJECTIVES
 from suformer.padding import IGNORE_INDEX
 from suformer.models import build_model
 from suformer.tokenizer import Tokenizer, build_vocab, write_vocab
-from suformer.pretrain.worker import learning_rate_factor
+from suformer.train.schedules import learning_rate_factor
 from suformer.train.optimizers import adamw, optimizer_named, parameter_groups
 
 HELD_OUT, BATCH, LR, EPS, DECAY, WARMUP = 256, 32, 1e-3, 1e-6, 0.01, 20

@@ -102,12 +102,13 @@ def first_batch_after_resume(shards: list[Path]) -> list[tuple[str, str, float]]
     file as a checkpoint holds it; baseline: reading the epoch from its start up to the position."""
     import pyarrow.parquet as pq
 
-    from suformer.pretrain.batches import StreamPosition, micro_batches
+    from suformer.pretrain.batches import Batching, StreamPosition, micro_batches
 
     shards = [str(p) for p in shards]
     files = shards[0::2]  # worker 0's
     sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    next(micro_batches(shards, 0, 2, "mlm", 8, None, StreamPosition()))  # warm-up: the first batch imports torch
+    batching = Batching("mlm", "packed", 8, capacity=512)
+    next(micro_batches(shards, 0, 2, batching, StreamPosition()))  # warm-up: the first batch imports torch
     rows = []
     for share in (0.1, 0.9):
         target = int(sum(sizes) * share)
@@ -115,7 +116,7 @@ def first_batch_after_resume(shards: list[Path]) -> list[tuple[str, str, float]]
         while row > sizes[index]:
             row, index = row - sizes[index], index + 1
         start = time.perf_counter()
-        next(micro_batches(shards, 0, 2, "mlm", 8, None, StreamPosition(0, index, row)))
+        next(micro_batches(shards, 0, 2, batching, StreamPosition(0, index, row)))
         rows.append((f"{share:.0%} ({target:,} rows)", "position (epoch, file, row): skip to it", time.perf_counter() - start))
         start = time.perf_counter()
         seen = 0

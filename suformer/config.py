@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from .storage import Location
 from .finetune.tricks import TRICKS, settings_fields
+from .train.engine import EngineSettings
 
 
 class ConfigError(ValueError):
@@ -102,7 +103,18 @@ class DataSection(_Strict):
     seed: int = 0
 
 
-class TrainSection(_Strict):
+class EfficiencySettings(_Strict):
+    """The switches both halves' train sections share (suformer/train/efficiency.py)."""
+
+    # Recompute activations in the backward pass instead of keeping them: every layer ("full"), every
+    # activation_checkpointing_every-th layer of each stack from the first ("selective"), or none. About a third
+    # more compute for the memory; gradients unchanged.
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing_every: int = Field(2, ge=1)
+    compile: bool = False  # torch.compile each layer (compiled at its first call, the time printed once)
+
+
+class TrainSection(EfficiencySettings):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -115,6 +127,13 @@ class TrainSection(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     micro_batch_size: int = Field(8, ge=1)
     max_tokens_per_batch: Optional[int] = Field(None, gt=0)  # token budget: fewer rows for long batches
+    # How a worker's examples become micro-batches, from a window of batching_window x micro_batch_size examples
+    # read in order: "packed" fills rows of the objective's maximum length with whole examples, each attending
+    # only to itself (RoFormerV2's objectives); "grouped" sorts the window by length and cuts it into micro-batches
+    # of similar lengths; both then shuffle the window's micro-batches. "sequential": in order, padded to the
+    # longest. "auto": the objective's choice (mlm packed; pegasus and unilm grouped).
+    batching: Literal["auto", "packed", "grouped", "sequential"] = "auto"
+    batching_window: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1)
     # adamw; adamw_scale: AdamW whose step is scaled by each weight's RMS (nanoT5); adafactor: unfactored, relative
@@ -150,6 +169,13 @@ class TrainSection(_Strict):
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
         return self
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(
+            micro_batch_size=self.micro_batch_size, grad_accum=self.grad_accum, world_size=self.num_workers,
+            grad_clip=self.grad_clip, zero_stage=self.zero_stage, precision=self.precision, on_gpu=self.use_gpu,
+            offload_optimizer=self.offload_optimizer, offload_params=self.offload_params,
+            own_optimizer=self.optimizer != "adamw")
 
 
 class RunSection(_Strict):
@@ -224,6 +250,10 @@ class PretrainConfig(_Job):
             if self.train.max_tokens_per_batch < longest:
                 raise ValueError(f"train.max_tokens_per_batch {self.train.max_tokens_per_batch} cannot hold one "
                                  f"example of the maximum length {longest}")
+        batching = self.train.batching
+        if batching == "packed" and not OBJECTIVES[self.data.objective].packs:
+            raise ValueError(f"train.batching=packed: data.objective {self.data.objective!r} cannot be packed (an "
+                             "encoder-decoder's cross-attention would see other examples); use grouped")
         if self.train.export_checkpoint == "best" and not self.data.validation_examples:
             raise ValueError("train.export_checkpoint=best picks by validation loss: it needs "
                              "data.validation_examples > 0")
@@ -285,7 +315,7 @@ class FinetuneDataSection(_Strict):
 TricksSection = create_model("TricksSection", __base__=_Strict, __module__=__name__, **settings_fields())
 
 
-class FinetuneTrainSection(_Strict):
+class FinetuneTrainSection(EfficiencySettings):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-5, gt=0)
@@ -306,6 +336,13 @@ class FinetuneTrainSection(_Strict):
     # The DeepSpeed engine's precision, as in pretraining: auto is bf16 on a GPU and fp32 on CPU. Plain PyTorch
     # (zero_stage unset) trains in fp32.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def engine_settings(self, on_gpu: bool) -> EngineSettings:
+        """The one-process DeepSpeed engine of a fine-tuning run (train.zero_stage set); its optimizer is torch's
+        AdamW (Adafactor runs without DeepSpeed)."""
+        return EngineSettings(
+            micro_batch_size=self.batch_size, grad_clip=self.grad_clip, zero_stage=self.zero_stage,
+            precision=self.precision, on_gpu=on_gpu, offload_optimizer=self.offload_optimizer)
 
 
 class FinetuneConfig(_Job):

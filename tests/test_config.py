@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from suformer.config import load_config
-from suformer.train.deepspeed_config import deepspeed_config
+from suformer.train.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "jobs" / "configs").glob("*.yaml") if not p.stem.startswith(("sweep_", "finetune_")))
@@ -21,7 +21,7 @@ def pretrain_main():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_validate_and_give_concrete_deepspeed_json(path):
     cfg = load_config(str(path))
-    ds = deepspeed_config(cfg.train)
+    ds = deepspeed_config(cfg.train.engine_settings())
     assert "auto" not in str(ds)
     t = cfg.train
     assert ds["train_batch_size"] == t.micro_batch_size * t.grad_accum * t.num_workers

@@ -168,7 +168,7 @@ def _zero_worker(rank, world, port, folder):
     from deepspeed.utils import safe_get_full_fp32_param
 
     from suformer.config import TrainSection
-    from suformer.train.deepspeed_config import deepspeed_config, flattens_parameters
+    from suformer.train.engine import deepspeed_config
     from suformer.train.jit_ops import load_deepspeed_ops, ops_for
     from suformer.train.optimizers import build_optimizer
 
@@ -182,9 +182,11 @@ def _zero_worker(rank, world, port, folder):
                              weight_decay=SETTINGS[name]["weight_decay"], adam_eps=SETTINGS[name]["eps"])
         torch.manual_seed(0)
         model = build_model("t5_pegasus", "tiny", vocab_size=VOCAB, dropout=0.0)
-        assert flattens_parameters(train) == (stage > 0)
-        optimizer = build_optimizer(model, train, flat_partitions=whole and flattens_parameters(train))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train))
+        settings = train.engine_settings()
+        assert settings.flattens_parameters == (stage > 0)
+        optimizer = build_optimizer(model, name, train.lr, train.weight_decay, train.adam_eps,
+                                    flat_partitions=whole and settings.flattens_parameters, offloaded=offload)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(settings))
         for step in range(STEPS):
             engine.backward(engine(**_zero_batch(rank, step)).loss)
             engine.step()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from suformer.pretrain.batches import StreamPosition
+from suformer.pretrain.batches import Batching, StreamPosition
 
 # Run in the session-services group (tests/conftest.py), never beside the cluster's Ray workers: one run beside them
 # (a fresh clone on 2 cores, 2026-12-02) aborted in a rank's gloo thread ("terminate called without an active
@@ -82,7 +82,7 @@ def _worker(rank, world, port, stage, optimizer, folder, phase):
         torch.distributed.barrier()
         shutil.copytree(folder / f"rank{rank}", folder / "step-00000002", dirs_exist_ok=True)
     else:
-        position = restore(engine, resume, rank, rank, SHARDS, None)
+        position = restore(engine, resume, rank, rank, SHARDS, None, Batching("pegasus", "grouped", 2))
         (folder / f"position-after-{rank}.json").write_text(json.dumps(position.__dict__))
     state = _full_state(engine)  # gathering is collective under ZeRO-3: every rank calls it
     if rank == 0:
@@ -101,4 +101,4 @@ def test_a_zero_checkpoint_of_two_workers_resumes_on_one_with_the_same_weights_a
         assert torch.equal(value, loaded[name]), name
     # The one worker left reads the rest of both workers' epoch: their files from where each stopped.
     assert json.loads((tmp_path / "position-after-0.json").read_text()) == {
-        "epoch": 0, "file": 0, "row": 0, "dealt": [[2, 5], [3, 5], [4, 0], [5, 0]]}
+        "epoch": 0, "file": 0, "row": 0, "dealt": [[2, 5], [3, 5], [4, 0], [5, 0]], "done": 0}

@@ -13,7 +13,6 @@ import copy
 import hashlib
 import math
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,10 +22,14 @@ import torch
 from tqdm import tqdm
 
 from ..config import FinetuneConfig
-from ..models import build_model, from_pretrained
 from ..storage import Location
 from ..tokenizer import Tokenizer, build_vocab, write_vocab
+from ..train.efficiency import apply_efficiency
+from ..train.engine import deepspeed_engine
+from ..train.memory import peak_memory_gib
+from ..train.model import model_from
 from ..train.optimizers import Adafactor, adamw
+from ..train.schedules import lr_schedule
 from ..train.seeding import seed_everything
 from .tasks import task_for
 from .tasks.base import Task
@@ -56,8 +59,7 @@ def build_model_for(cfg: FinetuneConfig, task: Task, tokenizer: Tokenizer,
     overrides = {"dropout": m.dropout, **({"attention_backend": m.attention_backend} if m.attention_backend else {})}
     for trick in tricks:
         overrides = trick.model_overrides(overrides)
-    encoder = from_pretrained(m.init_from, **overrides) if m.init_from else \
-        build_model(m.family, m.preset, vocab_size=len(tokenizer), **overrides)
+    encoder = model_from(m.family, m.preset, init_from=m.init_from, vocab_size=len(tokenizer), **overrides)
     heads = [head for trick in tricks if (head := trick.head(task, encoder, tokenizer)) is not None]
     model = heads[0] if heads else task.head(encoder, tokenizer)
     for trick in tricks:
@@ -73,45 +75,6 @@ def evaluate(task: Task, model, features, batch_size: int) -> dict[str, float]:
         return task.evaluate(model, features, batch_size)
     finally:
         model.train(was_training)
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
-
-
-def _deepspeed_engine(model, optimizer, schedule, t):
-    """A one-process DeepSpeed engine around the model, optimizer and schedule (a Tune trial is its own process,
-    so the process group is a group of one)."""
-    import torch.distributed as dist
-
-    from ..train.deepspeed_config import deepspeed_process_settings, use_bf16
-
-    deepspeed_process_settings(torch.cuda.is_available())
-    import deepspeed
-    from ..train.jit_ops import load_deepspeed_ops, ops_for
-
-    load_deepspeed_ops(ops_for(torch.cuda.is_available()))
-    if not dist.is_initialized():
-        import socket
-
-        with socket.socket() as s:  # a free port for the group's rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
-                           "WORLD_SIZE": "1"}.items():
-            os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    zero: dict = {"stage": t.zero_stage}
-    if t.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    config = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": 1,
-              "gradient_clipping": t.grad_clip, "zero_optimization": zero,
-              "bf16": {"enabled": use_bf16(t.precision, torch.cuda.is_available())},
-              "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
-    return engine
 
 
 def save_finetuned(out: dict, cfg: FinetuneConfig, folder: Path) -> None:
@@ -161,11 +124,8 @@ def _optimizer(cfg: FinetuneConfig, model, trainable: list, tricks: list[Trick],
     else:
         optimizer = adamw(groups, offloaded=t.zero_stage is not None and t.offload_optimizer)
     steps_per_epoch = math.ceil(train_size / t.batch_size)
-    total, warmup = steps_per_epoch * t.epochs, int(steps_per_epoch * t.epochs * t.warmup_ratio)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: s / warmup if s < warmup else 1.0 if t.schedule == "constant" else
-        max(0.0, (total - s) / max(1, total - warmup)))
-    return optimizer, schedule, steps_per_epoch
+    total = steps_per_epoch * t.epochs
+    return optimizer, lr_schedule(optimizer, int(total * t.warmup_ratio), total, t.schedule), steps_per_epoch
 
 
 class _Steps:
@@ -175,8 +135,8 @@ class _Steps:
     def __init__(self, cfg: FinetuneConfig, model, trainable: list, optimizer, schedule, tricks: list[Trick]):
         self.t, self.model, self.trainable, self.tricks = cfg.train, model, trainable, tricks
         self.optimizer, self.schedule = optimizer, schedule
-        self.engine = _deepspeed_engine(model, optimizer, schedule, cfg.train) if cfg.train.zero_stage is not None \
-            else None
+        self.engine = None if cfg.train.zero_stage is None else deepspeed_engine(
+            model, optimizer, schedule, cfg.train.engine_settings(torch.cuda.is_available()))
         self.backward = self.engine.backward if self.engine else torch.Tensor.backward
 
     def loss_closure(self, batch: dict):
@@ -230,6 +190,7 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
     task.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tricks = active_tricks(cfg)
     model = build_model_for(cfg, task, tokenizer, tricks).to(task.device)
+    apply_efficiency(model, t.activation_checkpointing, t.activation_checkpointing_every, t.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule, steps_per_epoch = _optimizer(cfg, model, trainable, tricks, len(data["train"]))
     for trick in tricks:
@@ -252,7 +213,8 @@ def finetune(cfg: FinetuneConfig, run_id: Optional[str] = None,
             metrics = {"epoch": epoch, "train/loss": float(np.mean(losses)),
                        "train/lr": max(g["lr"] for g in optimizer.param_groups),  # at the epoch's end
                        **{f"dev/{k}": v for k, v in dev_metrics.items()}, "time/epoch_s": epoch_time,
-                       "memory/peak_mb": _peak_memory_mb(), "params/trainable": trainable_parameters(model)}
+                       "memory/peak_mb": peak_memory_gib(task.device) * 1024,
+                       "params/trainable": trainable_parameters(model)}
             score = dev_metrics[task.metric]
             score = -math.inf if math.isnan(score) else score  # e.g. Spearman of constant predictions: never the best
             if best_state is None or score > best:

@@ -24,7 +24,7 @@ from ..padding import IGNORE_INDEX
 from ..ray_connect import connect_or_start
 from ..storage import Location
 from ..tokenizer import Tokenizer
-from ..train.deepspeed_config import deepspeed_config, deepspeed_process_settings
+from ..train.engine import deepspeed_config, deepspeed_process_settings
 from .data.corpus import DataError, preflight
 from .data.dataset import READY, ensure_vocab, prepare_shards, shard_rows
 from .data.objectives import OBJECTIVES
@@ -170,7 +170,7 @@ def _log_setup(cfg: PretrainConfig, uri: str, run_id: str, shards: Location, sta
     # The shards as the run's dataset: their folder's name is the fingerprint of what made them.
     tracking.log_dataset(uri, run_id, name=cfg.data.corpus, source=shards.uri, digest=shards.name, context="train")
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "deepspeed.json").write_text(json.dumps(deepspeed_config(cfg.train), indent=2))
+        (Path(tmp) / "deepspeed.json").write_text(json.dumps(deepspeed_config(cfg.train.engine_settings()), indent=2))
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
         tokenizer.save_pretrained(tmp)
         tracking.log_artifacts(uri, run_id, tmp, "setup")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..storage import Location
-from .batches import StreamPosition, redeal
+from .batches import Batching, StreamPosition, redeal
 
 CHECKPOINT_TAG = "state"
 
@@ -204,7 +204,7 @@ def _positions_and_rngs(name: str) -> bool:
     return name.startswith(("position_rank", "rng_rank"))
 
 
-def restore(engine, resume: Resume, rank: int, local_rank: int, shards: list[str], fs,
+def restore(engine, resume: Resume, rank: int, local_rank: int, shards: list[str], fs, batching: Batching,
             convert_workers: int = 1) -> StreamPosition:
     """Load `resume` into the engine and this rank's RNGs; returns the data position. A checkpoint on object
     storage is first copied to a local temp folder, this rank's part only."""
@@ -224,4 +224,4 @@ def restore(engine, resume: Resume, rank: int, local_rank: int, shards: list[str
 
         if old_world == resume.world:
             return saved(rank)
-        return redeal([saved(r) for r in range(old_world)], shards, rank, resume.world)
+        return redeal([saved(r) for r in range(old_world)], shards, rank, resume.world, batching, fs)

@@ -44,7 +44,7 @@ class Validation:
     def evaluate(self, engine, device: torch.device) -> dict:
         """val/loss (per predicted token) and val/token_accuracy over all ranks' shares."""
         engine.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=device)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
         for i in range(self.forwards):
             counted = i < len(self.batches)
             batch = to_device(self.batches[i] if counted else self.spare, device)
@@ -53,5 +53,5 @@ class Validation:
                 totals += step_sums(out.loss, out.logits, batch)
         dist.all_reduce(totals)
         engine.train()
-        loss_sum, correct, predicted, _ = totals.tolist()
+        loss_sum, correct, predicted = totals.tolist()
         return {"val/loss": loss_sum / max(predicted, 1), "val/token_accuracy": correct / max(predicted, 1)}

@@ -6,7 +6,6 @@ a checkpoint (`train.nonfinite_loss`).
 """
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
@@ -18,49 +17,35 @@ import torch
 import torch.distributed as dist
 
 from ..config import PretrainConfig
-from ..models import build_model, from_pretrained
 from ..storage import Location
-from ..train.deepspeed_config import deepspeed_config, deepspeed_process_settings, flattens_parameters
-from ..train.jit_ops import load_deepspeed_ops, ops_for
+from ..train.efficiency import apply_efficiency
+from ..train.engine import deepspeed_engine, deepspeed_process_settings
+from ..train.flops import device_peak, matmul_precision, training_flops
+from ..train.memory import memory_stats
+from ..train.model import model_from
 from ..train.optimizers import build_optimizer
+from ..train.schedules import lr_schedule
 from ..train.seeding import seed_everything
-from .batches import StreamPosition, micro_batches, step_sums, to_device
+from .batches import Batching, StreamPosition, micro_batches, step_sums, to_device, token_counts
 from .run_checkpoints import (checkpoints_newest_first, newest_complete, prune_unregistered_checkpoints, restore,
                               save_checkpoint)
 from .validation import Validation
 
 STOPPED_TAG = "suformer.stopped"  # MLflow tag: why the workers stopped the run on purpose
-# Dense bf16 tensor-core peak (FLOP/s) by device name, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 def pretraining_model(cfg: PretrainConfig, vocab_size: int):
     """The model `cfg.model` describes: a preset's, or `model.init_from`'s weights."""
     m = cfg.model
-    overrides = m.config_overrides()
-    if m.init_from:
-        folder = Location.of(m.init_from).local_folder()  # a URI is copied once per node
-        return from_pretrained(folder, **overrides).train()
-    return build_model(m.family, m.preset, vocab_size=vocab_size, **overrides)
-
-
-def learning_rate_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Linear warm-up from 0 (as bert4keras' piecewise_linear), then constant or cosine to min_ratio."""
-    if warmup and step < warmup:
-        return step / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return model_from(m.family, m.preset, init_from=m.init_from, vocab_size=vocab_size, **m.config_overrides())
 
 
 def optimizer_and_schedule(model, cfg: PretrainConfig):
     t = cfg.train
-    optimizer = build_optimizer(model, t, flat_partitions=flattens_parameters(t))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: learning_rate_factor(s, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
-    )
-    return optimizer, schedule
+    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, t.adam_eps,
+                                flat_partitions=t.engine_settings().flattens_parameters,
+                                offloaded=t.offload_optimizer)
+    return optimizer, lr_schedule(optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
 
 
 def _finite_on_every_rank(loss: torch.Tensor) -> bool:
@@ -78,11 +63,6 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _flops_per_token(model) -> float:
-    """6 x parameters (forward + backward), the usual MFU numerator; attention's L^2 term left out."""
-    return 6.0 * sum(p.numel() for p in model.parameters())
-
-
 @dataclass
 class _Progress:
     """What a checkpoint records beside the engine's state: the step, the data stream's position, the skips."""
@@ -92,36 +72,45 @@ class _Progress:
 
 
 class _Window:
-    """The training metrics of one logging window. The sums (loss x tokens, correct, predicted tokens, input
-    tokens) stay on the device and are read once per window: a .item() per micro-batch would stall a GPU."""
+    """The training metrics of one logging window. The sums (loss x tokens, correct, predicted tokens) stay on the
+    device and are read once per window (a .item() per micro-batch would stall a GPU); the work (real and computed
+    tokens, model FLOPs) is counted on the CPU from each micro-batch before it is copied to the device."""
 
-    def __init__(self, engine, world: int):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=engine.device)
-        self.world, self.grad_norm = world, float("nan")
-        self.flops_per_token = _flops_per_token(engine.module)
-        self.peak = next((v for k, v in PEAK_FLOPS.items()
-                          if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
+    def __init__(self, engine, world: int, peak: Optional[float]):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
+        self.device, self.world, self.peak, self.grad_norm = engine.device, world, peak, float("nan")
         self.reset()
 
     def reset(self) -> None:
         self.sums.zero_()
+        self.work = [0, 0, 0]  # real tokens, computed tokens, model FLOPs
         self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
 
+    def count(self, model, batch: dict) -> None:
+        real, computed = token_counts(batch)
+        self.work = [self.work[0] + real, self.work[1] + computed, self.work[2] + (training_flops(model, batch) or 0)]
+
     def metrics(self, learning_rate: float, nonfinite_skipped: int) -> dict[str, float]:
-        """The window's means over every rank (one all-reduce)."""
-        totals = self.sums.clone()
+        """The window's means over every rank (one all-reduce); per device, the mean device's share."""
+        totals = torch.cat([self.sums, torch.tensor(self.work, dtype=torch.float64, device=self.device)])
         dist.all_reduce(totals)
-        loss_sum, correct, predicted, inputs = totals.tolist()
+        loss_sum, correct, predicted, real, computed, flops = totals.tolist()
         elapsed = time.perf_counter() - self.start
         metrics = {
             "train/loss": loss_sum / max(predicted, 1), "train/token_accuracy": correct / max(predicted, 1),
             "train/lr": learning_rate, "train/grad_norm": self.grad_norm,
-            "train/tokens_per_s": inputs / elapsed, "train/step_time_s": elapsed / self.steps,
+            "train/tokens_per_s": real / elapsed, "train/tokens_per_s_per_device": real / elapsed / self.world,
+            "train/real_token_share": real / max(computed, 1),  # the rest is padding every matmul computes
+            "train/step_time_s": elapsed / self.steps,
             "train/data_wait_s": self.data_wait / self.steps,  # rank 0's time blocked on input per step
+            "train/data_wait_share": self.data_wait / elapsed,
             "train/nonfinite_skipped": nonfinite_skipped,  # micro-batches dropped for a NaN/inf loss, so far
+            **{f"train/memory_{key}": value for key, value in memory_stats(self.device).items()},
         }
-        if self.peak:
-            metrics["train/mfu"] = self.flops_per_token * inputs / elapsed / (self.peak * self.world)
+        if flops:  # model FLOPs of the real tokens (models/flops.py), recomputation not counted
+            metrics["train/tflops_per_device"] = flops / elapsed / self.world / 1e12
+            if self.peak:
+                metrics["train/mfu"] = flops / elapsed / self.world / self.peak
         return metrics
 
 
@@ -138,21 +127,18 @@ def _resume_point(run_storage: Location, world: int, t):
 
 
 def _engine(cfg: PretrainConfig, vocab_size: int, resume):
-    """(DeepSpeed engine, learning-rate schedule) around a new model (or `model.init_from`'s)."""
-    import deepspeed
-
+    """(DeepSpeed engine, learning-rate schedule, what the efficiency switches did) around a new model (or
+    `model.init_from`'s)."""
     t = cfg.train
-    ds_config = deepspeed_config(t)
-    if resume and resume.needs_universal:
-        ds_config["checkpoint"] = {"load_universal": True}
     model = pretraining_model(cfg, vocab_size)
+    efficiency = apply_efficiency(model, t.activation_checkpointing, t.activation_checkpointing_every, t.compile)
     optimizer, schedule = optimizer_and_schedule(model, cfg)
-    load_deepspeed_ops(ops_for(t.use_gpu))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-    return engine, schedule
+    engine = deepspeed_engine(model, optimizer, schedule, t.engine_settings(),
+                              load_universal=bool(resume and resume.needs_universal))
+    return engine, schedule, efficiency
 
 
-def _restore(engine, resume, ctx, shards: list[str], fs, t) -> _Progress:
+def _restore(engine, resume, ctx, shards: list[str], fs, batching: Batching, t) -> _Progress:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if rank == 0 and resume.skipped:
         _say(f"skipping incomplete checkpoints, newest first: {'; '.join(resume.skipped)}")
@@ -160,7 +146,7 @@ def _restore(engine, resume, ctx, shards: list[str], fs, t) -> _Progress:
         _say(f"{resume.directory.name} was written by {resume.state['world_size']} workers, this run has {world}: "
              "the rest of its epoch is dealt to them anew"
              + ("; loading it as a DeepSpeed universal checkpoint" if resume.needs_universal else ""))
-    position = restore(engine, resume, rank, ctx.get_local_rank(), shards, fs, int(t.cpus_per_worker))
+    position = restore(engine, resume, rank, ctx.get_local_rank(), shards, fs, batching, int(t.cpus_per_worker))
     progress = _Progress(resume.state["step"], position, resume.state.get("nonfinite_skipped", 0))
     if rank == 0:
         _say(f"resumed from checkpoint at step {progress.step}")
@@ -174,6 +160,7 @@ def _train_step(engine, stream, progress: _Progress, window: _Window, t, rank: i
         waited = time.perf_counter()
         batch, progress.position = next(stream)
         window.data_wait += time.perf_counter() - waited
+        counted = batch
         batch = to_device(batch, engine.device)
         out = engine(**batch)
         if not _finite_on_every_rank(out.loss):
@@ -187,6 +174,7 @@ def _train_step(engine, stream, progress: _Progress, window: _Window, t, rank: i
                      f"({progress.nonfinite_skipped}/{t.max_nonfinite_skips} allowed)")
             continue
         micro += 1
+        window.count(engine.module, counted)
         engine.backward(out.loss)
         if t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
             # DeepSpeed reports no global norm without ZeRO; measure it before step() clips.
@@ -202,15 +190,34 @@ def _train_step(engine, stream, progress: _Progress, window: _Window, t, rank: i
     return None
 
 
+def _step_line(step: int, max_steps: int, m: dict[str, float]) -> str:
+    """What a person sees at a glance (torchtitan's console line): progress, loss, throughput per device, model
+    TFLOP/s and MFU where there is a peak, the share of real tokens, memory, time waiting for data, ETA."""
+    eta = (max_steps - step) * m["train/step_time_s"]
+    parts = [f"step {step}/{max_steps}", f"loss {m['train/loss']:.4f}", f"acc {m['train/token_accuracy']:.3f}",
+             f"lr {m['train/lr']:.2e}", f"gnorm {m['train/grad_norm']:.3f}",
+             f"{m['train/tokens_per_s_per_device']:,.0f} tok/s/dev"]
+    if "train/tflops_per_device" in m:
+        parts.append(f"{m['train/tflops_per_device']:.3g} TFLOP/s/dev")
+    if "train/mfu" in m:
+        parts.append(f"mfu {100 * m['train/mfu']:.1f}%")
+    parts.append(f"real {100 * m['train/real_token_share']:.0f}%")
+    if "train/memory_max_reserved_gib" in m:
+        retries = m["train/memory_alloc_retries"]
+        parts.append(f"mem {m['train/memory_max_reserved_gib']:.1f} GiB"
+                     + (f" ({retries:.0f} alloc retries)" if retries else ""))
+    else:
+        parts.append(f"rss {m['train/memory_peak_rss_gib']:.1f} GiB")
+    parts += [f"data wait {100 * m['train/data_wait_share']:.0f}%",
+              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+    return " | ".join(parts)
+
+
 def _log_window(window: _Window, schedule, progress: _Progress, logger, t) -> None:
     metrics = window.metrics(schedule.get_last_lr()[0], progress.nonfinite_skipped)
     if logger:
         logger.log(progress.step, metrics)
-        eta = (t.max_steps - progress.step) * metrics["train/step_time_s"]
-        _say(f"step {progress.step}/{t.max_steps} | loss {metrics['train/loss']:.4f} | "
-             f"acc {metrics['train/token_accuracy']:.3f} | lr {metrics['train/lr']:.2e} | "
-             f"gnorm {window.grad_norm:.3f} | {metrics['train/tokens_per_s']:,.0f} tok/s | "
-             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        _say(_step_line(progress.step, t.max_steps, metrics))
     window.reset()
 
 
@@ -265,21 +272,26 @@ def train_loop_per_worker(config: dict) -> None:
     shards, fs = config["shard_files"], Location.of(config["shards"]).fs
     run_storage = Location.of(config["checkpoints"])
     resume = _resume_point(run_storage, world, t)
-    engine, schedule = _engine(cfg, config["vocab_size"], resume)
-    progress = _restore(engine, resume, ctx, shards, fs, t) if resume else _Progress()
+    engine, schedule, efficiency = _engine(cfg, config["vocab_size"], resume)
+    batching = Batching.of(cfg)
+    progress = _restore(engine, resume, ctx, shards, fs, batching, t) if resume else _Progress()
     logger = _metric_logger(config, resume) if rank == 0 else None
-    stream = micro_batches(shards, rank, world, cfg.data.objective, t.micro_batch_size, t.max_tokens_per_batch,
-                           progress.position, fs)
+    stream = micro_batches(shards, rank, world, batching, progress.position, fs)
     validation = Validation(config["validation_files"], cfg.data.validation_examples, fs, cfg.data.objective,
                             t.micro_batch_size, rank, world) if config["validation_files"] else None
+    peak, peak_line = device_peak(engine.device, matmul_precision(t.engine_settings().bf16))
+    if rank == 0:
+        _say(f"{batching.mode} micro-batches; {efficiency}; {peak_line}")
     eval_every = t.eval_every or t.checkpoint_every
-    window, stopped = _Window(engine, world), None
+    window, stopped, first_step = _Window(engine, world, peak), None, progress.step + 1
     while progress.step < t.max_steps:
         engine.train()
         stopped = _train_step(engine, stream, progress, window, t, rank)
         if stopped:
             break
         step, last = progress.step, progress.step == t.max_steps
+        if step == first_step and t.compile and rank == 0:  # the layers compile in the first forward and backward
+            _say(f"first step, compiling included: {time.perf_counter() - window.start:.1f} s")
         if step % t.log_every == 0 or last:
             _log_window(window, schedule, progress, logger, t)
         checkpoint_now = step % t.checkpoint_every == 0 or last

@@ -56,7 +56,7 @@ def _environments_ninja_first():
 if __name__ == "__main__":  # `make setup`: build this machine's ops once, before a first run waits for them
     import torch
 
-    from .deepspeed_config import deepspeed_process_settings
+    from .engine import deepspeed_process_settings
 
     deepspeed_process_settings(torch.cuda.is_available())
     load_deepspeed_ops(ops_for(torch.cuda.is_available()))

@@ -19,8 +19,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..config import TrainSection
-
 RMS_FLOOR = 1e-3  # the smallest weight RMS a step is scaled by (Adafactor's epsilon2, nanoT5's 1e-3)
 ADAFACTOR_EPS = 1e-30  # added to the squared gradient (Adafactor's epsilon1)
 
@@ -50,11 +48,13 @@ def parameter_groups(model, optimizer: str, lr: float, weight_decay: float, eps:
             for (g_lr, g_eps, g_decay), params in groups.items()]
 
 
-def build_optimizer(model, train: TrainSection, flat_partitions: bool) -> torch.optim.Optimizer:
-    """`train.optimizer` over `parameter_groups`. `flat_partitions`: DeepSpeed will hand the optimizer flat
-    partitions rather than the model's tensors (deepspeed_config.flattens_parameters)."""
-    groups = parameter_groups(model, train.optimizer, train.lr, train.weight_decay, train.adam_eps)
-    return optimizer_named(train.optimizer, groups, partitioned=flat_partitions, offloaded=train.offload_optimizer)
+def build_optimizer(model, name: str, lr: float, weight_decay: float, eps: float, flat_partitions: bool = False,
+                    offloaded: bool = False) -> torch.optim.Optimizer:
+    """Optimizer `name` (train.optimizer) over `parameter_groups`. `flat_partitions`: DeepSpeed will hand the
+    optimizer flat partitions rather than the model's tensors (EngineSettings.flattens_parameters); `offloaded`:
+    its state lives in CPU memory (ZeRO's offload_optimizer)."""
+    groups = parameter_groups(model, name, lr, weight_decay, eps)
+    return optimizer_named(name, groups, partitioned=flat_partitions, offloaded=offloaded)
 
 
 def optimizer_named(name: str, groups: list[dict], partitioned: bool = False,
@@ -69,7 +69,7 @@ def adamw(groups: list[dict], offloaded: bool) -> torch.optim.Optimizer:
     """AdamW; DeepSpeed's CPU kernel of the same update when ZeRO keeps the state in CPU memory (DeepSpeed refuses
     a client AdamW there: PyTorch's loop over CPU tensors is several times slower)."""
     if offloaded:
-        from .deepspeed_config import deepspeed_process_settings
+        from .engine import deepspeed_process_settings
         from .jit_ops import load_deepspeed_ops
 
         deepspeed_process_settings(torch.cuda.is_available())

@@ -27,6 +27,15 @@ class Objective:
     no_example_reason: Callable[[Any], str]
     collate: Callable[[list[dict]], dict]  # rows -> padded model inputs and labels
     longest: Callable[[Any], int]  # the longest example's input length, in tokens
+    # train.batching=auto: "packed" (whole examples share rows of `longest` tokens, each attending to itself) or
+    # "grouped" (micro-batches of similar lengths)
+    batching: str = "grouped"
+    # Whether examples can be packed: their rows concatenate field by field and the model masks attention by
+    # document_ids (not an encoder-decoder, whose cross-attention would mix them)
+    packs: bool = False
+    # An example row's padded lengths, the input's first (num_tokens), e.g. an encoder-decoder's target second:
+    # what grouped batching sorts by
+    lengths: Callable[[dict], tuple[int, ...]] = lambda row: (row["num_tokens"],)
 
     @property
     def vocab_words(self) -> bool:

@@ -70,5 +70,5 @@ OBJECTIVE = Objective(
     no_example_reason=lambda data: "every non-empty document makes at least one example",
     collate=lambda rows: {"input_ids": pad([r["input_ids"] for r in rows], 0),
                           "labels": pad([r["labels"] for r in rows], IGNORE_INDEX)},
-    longest=lambda data: data.max_len,
+    longest=lambda data: data.max_len, batching="packed", packs=True,
 )

@@ -130,4 +130,5 @@ OBJECTIVE = Objective(
                       ("num_tokens", pa.int32())]),
     examples=_examples, makes_examples=makes_pseudo_summaries(lambda data: data.chunk_chars),
     no_example_reason=no_pseudo_summary, collate=_collate, longest=lambda data: data.max_source_len,
+    lengths=lambda row: (row["num_tokens"], len(row["target_ids"])),
 )

@@ -46,5 +46,5 @@ OBJECTIVE = Objective(
     schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("token_type_ids", pa.list_(pa.int8())),
                       ("num_tokens", pa.int32())]),
     examples=_examples, makes_examples=makes_pseudo_summaries(_chunk_chars), no_example_reason=no_pseudo_summary,
-    collate=_collate, longest=lambda data: data.max_len,
+    collate=_collate, longest=lambda data: data.max_len, packs=True,
 )

@@ -1,0 +1,22 @@
+"""A training process's memory, for the step line and MLflow: on a GPU the most allocated and reserved since the
+start and the allocator's retries (it freed its cache to fit an allocation: fragmentation, an OOM's forerunner);
+on CPU the process's peak resident set."""
+from __future__ import annotations
+
+import resource
+
+import torch
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+                "alloc_retries": float(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The one figure: the GPU's most allocated, or the process's peak resident set."""
+    stats = memory_stats(device)
+    return stats.get("max_allocated_gib", stats.get("peak_rss_gib"))
