@@ -12,6 +12,10 @@ each run even when an earlier one failed, each writing into --out:
 3. `autotune.json`: per model profile (T5 PEGASUS base / RoFormerV2 base shapes, bf16, 16k tokens), the tile each
    kernel picks and every candidate's time, and forward+backward with the default tile against the tuned one.
 4. `attention.json`, `attention.log`: benchmarks/attention.py with the T5 PEGASUS training step (--model).
+5. `pretraining_step.json`: a base-size training step (forward, backward) of each family in bf16 at the shipped
+   8 x H100 configs' micro-batches (T5 PEGASUS 12 x 384 + 128 tokens, RoFormerV2 64 x 512 packed), eager and
+   compiled, activation checkpointing none / selective / full: real tokens/s, model TFLOP/s, MFU against the
+   device's peak (suformer/train/flops.py), the most memory allocated. Which defaults to ship follows from it.
 
 Writes `summary.md` (one line per step) and exits 1 if any step failed.
 """
@@ -141,6 +145,46 @@ def attention_benchmark(out: Path, smoke: bool) -> str:
     return f"exit {done.returncode}"
 
 
+STEP_CASES = [(False, "none"), (False, "selective"), (False, "full"), (True, "none"), (True, "selective")]
+STEP_SHAPES = {"t5_pegasus": dict(rows=12, length=384, target=128, vocab_size=50000),
+               "roformer_v2": dict(rows=64, length=512, vocab_size=12000)}
+
+
+def pretraining_step(out: Path, smoke: bool) -> str:
+    """Each family's base preset (smoke: tiny, fp32, eager) through benchmarks/efficiency.py's step, with MFU."""
+    from benchmarks.efficiency import step_figures, synthetic_batches
+    from suformer.models import build_model
+    from suformer.train.efficiency import apply_efficiency
+    from suformer.train.flops import device_peak
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    peak, peak_line = device_peak(device, "fp32" if smoke else "bf16")
+    rows = []
+    for family, shape in STEP_SHAPES.items():
+        shape = dict(shape, rows=2, length=32, target=16) if smoke else shape
+        batches = synthetic_batches(family, 3 if smoke else 13, **shape)
+        for compiled, checkpointing in STEP_CASES[:2] if smoke else STEP_CASES:
+            torch.manual_seed(0)
+            model = build_model(family, "tiny" if smoke else "base", vocab_size=shape["vocab_size"]).to(device, dtype)
+            apply_efficiency(model, checkpointing, 2, compiled)
+            if CUDA:
+                torch.cuda.reset_peak_memory_stats()
+            figures = step_figures(model, batches, device, warmup=1 if smoke else 3)
+            row = dict(family=family, compile=compiled, checkpointing=checkpointing, dtype=str(dtype), **shape,
+                       **figures, mfu=figures["tflops"] * 1e12 / peak if peak else None,
+                       max_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if CUDA else None)
+            rows.append(row)
+            mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+            print(f"| {family} | compile {compiled} | checkpointing {checkpointing} | {row['tokens_per_s']:,.0f} tok/s"
+                  f" | {row['tflops']:.1f} TFLOP/s | MFU {mfu} | {row['max_allocated_gib'] or 0:.1f} GiB | "
+                  f"first step {row['first_step_s']:.1f} s |", flush=True)
+            del model
+    (out / "pretraining_step.json").write_text(json.dumps(dict(environment=environment(), peak=peak_line,
+                                                               rows=rows), indent=1))
+    return f"{len(rows)} configurations; {peak_line}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for every result (created)")
@@ -154,7 +198,8 @@ def main(argv=None) -> int:
     (args.out / "environment.json").write_text(json.dumps(environment(), indent=1))
 
     summary, failed = [], False
-    steps = [("kernel tests", kernel_tests), ("autotune", autotune), ("attention benchmark", attention_benchmark)]
+    steps = [("kernel tests", kernel_tests), ("autotune", autotune), ("attention benchmark", attention_benchmark),
+             ("pretraining step", pretraining_step)]
     for index, (title, step) in enumerate(steps, 1):
         began = time.monotonic()
         print(f"[{index}/{len(steps)}] {title} ...", flush=True)

@@ -168,6 +168,10 @@ class TrainSection(EfficiencySettings):
             raise ValueError("offload_params needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.compile and self.zero_stage == 3:
+            raise ValueError("compile with zero_stage 3: ZeRO-3 gathers each layer's parameters in hooks that a "
+                             "compiled layer recompiles past torch's limit, then runs eagerly; compile with "
+                             "zero_stage 0-2, or leave compile off")
         return self
 
     def engine_settings(self) -> EngineSettings:

@@ -230,3 +230,65 @@ def test_mfu_only_against_a_known_peak_of_the_right_form_factor_and_precision(mo
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert device_peak(torch.device("cuda", 0), "bf16") == (756.5e12, "MFU against H100 PCIe bf16 dense peak 756 "
                                                                       "TFLOP/s")
+
+
+def _engine_losses(family, batches, stage=0, precision="fp32", checkpointing="none", compile=False, plain=False):
+    """Losses of four steps of AdamW (clipped at 1.0) on a tiny model: through a one-process DeepSpeed engine with
+    the given settings, or in plain PyTorch (the reference)."""
+    from suformer.train.engine import EngineSettings, deepspeed_engine
+    from suformer.train.optimizers import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(family, "tiny", vocab_size=300, dropout=0.0)
+    apply_efficiency(model, checkpointing, 2, compile)
+    settings = EngineSettings(micro_batch_size=4, zero_stage=stage, precision=precision, grad_clip=1.0)
+    optimizer = build_optimizer(model, "adamw", 1e-3, 0.01, 1e-6, flat_partitions=settings.flattens_parameters)
+    engine = None if plain else deepspeed_engine(model, optimizer, None, settings)
+    losses = []
+    for batch in batches:
+        if plain:
+            optimizer.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        else:
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _random_batches(family):
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(3, 300, (4, 24), generator=generator)
+        ids[1, 16:] = 0
+        batches.append(dict(input_ids=ids, decoder_input_ids=ids[:, :12], labels=ids[:, 1:13])
+                       if family == "t5_pegasus" else dict(input_ids=ids, labels=ids))
+    return batches
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_the_engine_trains_with_checkpointing_in_every_zero_stage_and_bf16_on_cpu(stage, precision):
+    """DeepSpeed on CPU (gloo, a group of one) with selective checkpointing: fp32 follows plain PyTorch to float
+    precision; bf16 (the GPU path, DeepSpeed's CPU accelerator runs it in every stage) within bf16's tolerance."""
+    batches = _random_batches("t5_pegasus")
+    reference = _engine_losses("t5_pegasus", batches, plain=True)
+    losses = _engine_losses("t5_pegasus", batches, stage, precision, "selective")
+    assert reference[-1] < reference[0] - 0.2  # it learns
+    assert losses == pytest.approx(reference, rel=1e-5 if precision == "fp32" else 0, abs=0 if precision == "fp32"
+                                   else 0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16")])
+def test_the_engine_trains_compiled_layers_with_checkpointing(stage, precision):
+    batches = _random_batches("roformer_v2")
+    reference = _engine_losses("roformer_v2", batches, plain=True)
+    losses = _engine_losses("roformer_v2", batches, stage, precision, "full", compile=True)
+    assert losses == pytest.approx(reference, rel=1e-4 if precision == "fp32" else 0, abs=0 if precision == "fp32"
+                                   else 0.02)

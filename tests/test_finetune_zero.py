@@ -10,12 +10,12 @@ from suformer.config import ConfigError, FinetuneConfig, load_config
 from suformer.finetune.loop import finetune
 
 
-def run(tmp_path, tricks: dict, zero, task="sentiment", precision="auto"):
+def run(tmp_path, tricks: dict, zero, task="sentiment", precision="auto", **train):
     cfg = FinetuneConfig.model_validate({
         "model": {"family": "t5_pegasus" if task == "idiom" else "roformer_v2", "dropout": 0.0},
         "data": {"task": task, "max_train_examples": 96, "max_eval_examples": 16, "max_len": 32},
         "tricks": tricks, "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "threads": 2, "zero_stage": zero,
-                  "precision": precision},
+                  "precision": precision, **train},
         "run": {"root": str(tmp_path)}})
     out = finetune(cfg)
     return out["metrics"]["train/loss"], out["model"].state_dict()
@@ -60,3 +60,14 @@ def test_bf16_precision_trains_in_bf16_inside_the_engine_and_close_to_fp32(tmp_p
     assert {v.dtype for k, v in bf16.items() if v.is_floating_point()} == {torch.bfloat16}
     assert {v.dtype for k, v in fp32.items() if v.is_floating_point()} == {torch.float32}
     assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2)  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sentiment", "idiom"])
+def test_activation_checkpointing_and_compiled_layers_train_the_same_weights(tmp_path, task):
+    """Both switches together, inside ZeRO-2, against plain PyTorch without them: the same weights."""
+    plain_loss, plain = run(tmp_path, {}, None, task)
+    loss, levers = run(tmp_path, {}, 2, task, activation_checkpointing="full", compile=True)
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    for key, value in plain.items():
+        torch.testing.assert_close(levers[key], value, rtol=1e-4, atol=5e-5, msg=key)

@@ -36,3 +36,10 @@ def test_first_gpu_command_smoke(tmp_path):
                                 ("rope", "ours-rope-outside"), ("t5-encoder", "sdpa+bias")]:
         assert {(scenario, "fwd", candidate), (scenario, "fwd+bwd", candidate)} <= timed
     assert [r["backend"] for r in results["model"] if r["ms"]] == ["sdpa", "triton"]
+
+    # a base-size training step per family (smoke: tiny, eager): figures, and no MFU without a known peak
+    step = json.loads((out / "pretraining_step.json").read_text())
+    assert [(r["family"], r["checkpointing"]) for r in step["rows"]] == [
+        ("t5_pegasus", "none"), ("t5_pegasus", "selective"), ("roformer_v2", "none"), ("roformer_v2", "selective")]
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["mfu"] is None for r in step["rows"])
+    assert "MFU not reported" in step["peak"] and "pretraining step: 4 configurations" in summary

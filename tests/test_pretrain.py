@@ -365,9 +365,10 @@ def roformer_root(tmp_path_factory):
 
 @pytest.mark.parametrize("objective", ["mlm", "unilm"])
 def test_roformer_v2_objectives_train_and_export(ray_cluster, roformer_root, tmp_path, objective):
-    """Both objectives train and export. The UniLM run exports its best checkpoint instead of its last: a learning
-    rate high enough that the validation loss turns back up, a checkpoint (and so a validation) at every step,
-    one kept besides the best."""
+    """Both objectives train and export. The MLM run trains in bf16 on the CPU (the GPU's precision path) with
+    selective activation checkpointing, on packed rows, and logs what the step line shows. The UniLM run exports
+    its best checkpoint instead of its last: a learning rate high enough that the validation loss turns back up, a
+    checkpoint (and so a validation) at every step, one kept besides the best."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from mlflow.tracking import MlflowClient
 
@@ -383,6 +384,8 @@ def test_roformer_v2_objectives_train_and_export(ray_cluster, roformer_root, tmp
     if best:
         sets += ["train.export_checkpoint=best", "train.keep_checkpoints=1", f"train.lr={BEST_RUN_LR}",
                  "train.warmup_steps=0", "train.schedule=constant"]
+    else:
+        sets += ["train.precision=bf16", "train.activation_checkpointing=selective"]
     cfg = load_config(str(REPO / "jobs" / "configs" / "roformer_v2_tiny_cpu.yaml"), sets)
     result = run_pretraining(cfg)
     run, history = loss_history(cfg)
@@ -392,6 +395,10 @@ def test_roformer_v2_objectives_train_and_export(ray_cluster, roformer_root, tmp
     samples = MlflowClient(cfg.tracking_uri).download_artifacts(run.info.run_id, "samples.txt", str(tmp_path))
     assert "predicted:" in Path(samples).read_text()
     if not best:
+        logged = run.data.metrics
+        assert logged["train/real_token_share"] > 0.9  # packed rows
+        assert logged["train/tflops_per_device"] > 0 and logged["train/memory_peak_rss_gib"] > 0.1
+        assert "train/mfu" not in logged  # no peak is known for a CPU
         return
     _, validation = loss_history(cfg, "val/loss")
     assert [s for s, _ in validation] == [1, 2, 3, 4]
