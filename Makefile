@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python benchmarks/models_cpu.py
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/efficiency.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -126,6 +126,15 @@ def test_packing_and_grouping_leave_less_padding_than_reading_in_order(tmp_path)
     assert real_share(Batching("mlm", "packed", 4, window=8, capacity=16), mlm) > 0.9 > sequential + 0.1
 
 
+@pytest.mark.parametrize("mode", ["grouped", "packed"])
+def test_two_runs_of_the_same_config_plan_the_same_batches_whatever_folder_holds_the_shards(tmp_path, mode):
+    """The data stage writes each build of the shards into a folder of its own: the plan must not depend on it."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = (_objective_files(tmp_path / name, [10, 7, 12], mode) for name in "ab")
+    assert [_examples(b) for b, _ in _stream(first, StreamPosition(), 8, MODES[mode])] == \
+        [_examples(b) for b, _ in _stream(second, StreamPosition(), 8, MODES[mode])]
+
+
 def test_validation_holds_out_the_fewest_last_files_that_hold_its_examples():
     files, rows = ["a", "b", "c", "d"], [40, 30, 20, 25]
     assert split_validation(files, rows, 0) == (files, [])

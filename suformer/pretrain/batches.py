@@ -271,7 +271,9 @@ def _windows(files: list[tuple[str, int, int]], fs: pafs.FileSystem, at: StreamP
         examples, origins = [row for row, _ in taken], [origin for _, origin in taken]
         file, row = origins[-1]
         end = StreamPosition(at.epoch, file, row + 1, at.dealt)
-        key = f"{batching.seed}:{at.epoch}:{files[origins[0][0]][0]}:{origins[0][1]}"
+        # Seeded by where the window starts: its shard's name (not its folder, which names the shards' build) and
+        # row, so that two runs of the same config plan the same micro-batches.
+        key = f"{batching.seed}:{at.epoch}:{files[origins[0][0]][0].rsplit('/', 1)[-1]}:{origins[0][1]}"
         batches = batching.plan([OBJECTIVES[batching.objective].lengths(example) for example in examples], key)
         yield start, _Window(examples, origins, batches, end)
         start = end
