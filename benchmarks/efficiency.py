@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from suformer.models import build_model  # noqa: E402
 from suformer.train.efficiency import apply_efficiency  # noqa: E402
+from suformer.train.memory import peak_rss_bytes  # noqa: E402
 
 OBJECTIVE = {"t5_pegasus": "pegasus", "roformer_v2": "mlm"}
 SHIPPED = {"pegasus": "t5_pegasus_tiny_cpu.yaml", "mlm": "roformer_v2_tiny_cpu.yaml",
@@ -220,7 +220,7 @@ def one_step_case(case: dict) -> dict:
     resident = psutil.Process().memory_info().rss
     figures = step_figures(model, batches, torch.device("cpu"))
     counts = [real_tokens(batch) for batch in batches]
-    figures["peak_gib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident) / 2**30
+    figures["peak_gib"] = (peak_rss_bytes() - resident) / 2**30
     figures["share"] = sum(r for r, _ in counts) / sum(c for _, c in counts)
     figures["shape"] = "x".join(str(n) for n in batches[1]["input_ids"].shape)
     return figures
